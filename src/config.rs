@@ -1,0 +1,239 @@
+//! Daemon configuration: every default in one place, read once from the
+//! `EDGEFAAS_*` environment variables at start-up.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Everything the daemon can be told from outside.
+#[derive(Clone)]
+pub struct Config {
+    /// Address to listen on (`EDGEFAAS_BIND`).
+    pub bind: IpAddr,
+    /// TCP port (`EDGEFAAS_PORT`).
+    pub port: u16,
+    /// Where functions live on disk (`EDGEFAAS_FUNCTIONS_DIR`).
+    pub functions_dir: PathBuf,
+    /// The Python interpreter that runs functions (`EDGEFAAS_PYTHON`).
+    pub python: String,
+    /// Request worker threads (`EDGEFAAS_WORKERS`).
+    pub workers: usize,
+    /// Invocations running at once before new ones get 429 (`EDGEFAAS_MAX_INFLIGHT`).
+    pub max_inflight: usize,
+    /// How long one invocation may run (`EDGEFAAS_EXEC_TIMEOUT`).
+    pub exec_timeout: Duration,
+    /// Largest request body accepted (`EDGEFAAS_MAX_BODY`).
+    pub max_body: u64,
+    /// Largest function output kept; more is an error (`EDGEFAAS_MAX_OUTPUT`).
+    pub max_output: u64,
+    /// Largest function source accepted (`EDGEFAAS_MAX_FUNCTION_SIZE`).
+    pub max_function_size: u64,
+    /// How long a function download may take (`EDGEFAAS_FETCH_TIMEOUT`).
+    pub fetch_timeout: Duration,
+    /// Bearer token guarding `/mgmt` (`EDGEFAAS_MGMT_TOKEN`); `None` leaves it open.
+    pub mgmt_token: Option<String>,
+    /// How long SIGTERM waits for in-flight invocations (`EDGEFAAS_SHUTDOWN_GRACE`).
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let workers = (2 * cores).max(4);
+        Config {
+            bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            port: 8080,
+            functions_dir: PathBuf::from("./function"),
+            python: "python3".into(),
+            workers,
+            // One worker always stays free for health checks, /mgmt and 429s.
+            max_inflight: workers - 1,
+            exec_timeout: Duration::from_secs(10),
+            max_body: 1024 * 1024,
+            max_output: 4 * 1024 * 1024,
+            max_function_size: 256 * 1024,
+            fetch_timeout: Duration::from_secs(30),
+            mgmt_token: None,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A variable that is set but cannot be used; its message names the variable.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    var: &'static str,
+    value: String,
+    expected: &'static str,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: expected {}, got '{}'",
+            self.var, self.expected, self.value
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads the process environment over the defaults.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Config::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads variables through `get` over the defaults (testable without the real environment).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let d = Config::default();
+        let workers = parse(&get, "EDGEFAAS_WORKERS", d.workers, positive)?;
+        let max_inflight = match get("EDGEFAAS_WORKERS") {
+            // A smaller pool keeps one worker free, as the default does.
+            Some(_) => workers.saturating_sub(1).max(1),
+            None => d.max_inflight,
+        };
+        let token = get("EDGEFAAS_MGMT_TOKEN").filter(|t| !t.is_empty());
+        Ok(Config {
+            bind: parse(&get, "EDGEFAAS_BIND", d.bind, any)?,
+            port: parse(&get, "EDGEFAAS_PORT", d.port, any)?,
+            functions_dir: get("EDGEFAAS_FUNCTIONS_DIR")
+                .filter(|s| !s.is_empty())
+                .map_or(d.functions_dir, PathBuf::from),
+            python: get("EDGEFAAS_PYTHON")
+                .filter(|s| !s.is_empty())
+                .unwrap_or(d.python),
+            workers,
+            max_inflight: parse(&get, "EDGEFAAS_MAX_INFLIGHT", max_inflight, positive)?,
+            exec_timeout: seconds(&get, "EDGEFAAS_EXEC_TIMEOUT", d.exec_timeout)?,
+            max_body: parse(&get, "EDGEFAAS_MAX_BODY", d.max_body, any)?,
+            max_output: parse(&get, "EDGEFAAS_MAX_OUTPUT", d.max_output, positive)?,
+            max_function_size: parse(
+                &get,
+                "EDGEFAAS_MAX_FUNCTION_SIZE",
+                d.max_function_size,
+                positive,
+            )?,
+            fetch_timeout: seconds(&get, "EDGEFAAS_FETCH_TIMEOUT", d.fetch_timeout)?,
+            mgmt_token: token,
+            shutdown_grace: seconds(&get, "EDGEFAAS_SHUTDOWN_GRACE", d.shutdown_grace)?,
+        })
+    }
+
+    /// The socket address the server binds.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(self.bind, self.port)
+    }
+}
+
+fn any<T>(_: &T) -> bool {
+    true
+}
+
+fn positive<T: PartialOrd + Default>(v: &T) -> bool {
+    *v > T::default()
+}
+
+/// Parses `var` if set, else keeps `default`; `ok` rejects values that parse but make no sense.
+fn parse<T: FromStr>(
+    get: &impl Fn(&str) -> Option<String>,
+    var: &'static str,
+    default: T,
+    ok: fn(&T) -> bool,
+) -> Result<T, ConfigError> {
+    let Some(raw) = get(var) else {
+        return Ok(default);
+    };
+    match raw.trim().parse::<T>() {
+        Ok(v) if ok(&v) => Ok(v),
+        _ => Err(ConfigError {
+            var,
+            value: raw,
+            expected: expectation(var),
+        }),
+    }
+}
+
+/// Parses a duration given in (possibly fractional) seconds, greater than zero.
+fn seconds(
+    get: &impl Fn(&str) -> Option<String>,
+    var: &'static str,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let secs: f64 = parse(get, var, default.as_secs_f64(), |s| {
+        s.is_finite() && *s > 0.0
+    })?;
+    Duration::try_from_secs_f64(secs).map_err(|_| ConfigError {
+        var,
+        value: secs.to_string(),
+        expected: expectation(var),
+    })
+}
+
+fn expectation(var: &str) -> &'static str {
+    match var {
+        "EDGEFAAS_BIND" => "an IP address such as 0.0.0.0 or ::",
+        "EDGEFAAS_PORT" => "a port number from 0 to 65535",
+        "EDGEFAAS_EXEC_TIMEOUT" | "EDGEFAAS_FETCH_TIMEOUT" | "EDGEFAAS_SHUTDOWN_GRACE" => {
+            "a number of seconds greater than 0"
+        }
+        "EDGEFAAS_MAX_BODY" => "a number of bytes",
+        _ => "a whole number greater than 0",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn from(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_leave_one_worker_free() {
+        let c = from(&[]).unwrap();
+        assert_eq!(c.port, 8080);
+        assert!(c.workers >= 4);
+        assert_eq!(c.max_inflight, c.workers - 1);
+        assert_eq!(c.functions_dir, PathBuf::from("./function"));
+    }
+
+    #[test]
+    fn bad_value_names_the_variable() {
+        let err = from(&[("EDGEFAAS_PORT", "eighty")]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "EDGEFAAS_PORT: expected a port number from 0 to 65535, got 'eighty'"
+        );
+        let err = from(&[("EDGEFAAS_EXEC_TIMEOUT", "-1")]).unwrap_err();
+        assert!(err.to_string().starts_with("EDGEFAAS_EXEC_TIMEOUT:"));
+        assert!(from(&[("EDGEFAAS_WORKERS", "0")]).is_err());
+        assert!(from(&[("EDGEFAAS_BIND", "localhost")]).is_err());
+    }
+
+    #[test]
+    fn fractional_seconds_and_ipv6_are_accepted() {
+        let c = from(&[("EDGEFAAS_EXEC_TIMEOUT", "0.5"), ("EDGEFAAS_BIND", "::1")]).unwrap();
+        assert_eq!(c.exec_timeout, Duration::from_millis(500));
+        assert_eq!(c.addr().to_string(), "[::1]:8080");
+    }
+
+    #[test]
+    fn empty_token_means_open() {
+        assert!(
+            from(&[("EDGEFAAS_MGMT_TOKEN", "")])
+                .unwrap()
+                .mgmt_token
+                .is_none()
+        );
+    }
+}

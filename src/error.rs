@@ -1,0 +1,113 @@
+//! The one error type of the daemon, and the only place that turns a failure
+//! into an HTTP status.
+
+use std::fmt;
+use std::io;
+
+/// Every failure a request can meet, each with the status a client sees.
+#[derive(Debug)]
+pub enum Error {
+    /// A function name that does not match the naming rule or is reserved.
+    BadName(String),
+    /// No function of that name is installed.
+    NotFound(String),
+    /// A path that names no endpoint.
+    NoRoute(String),
+    /// The method is not served on this path; carries the allowed methods.
+    Method(&'static str),
+    /// `echo` cannot be written or deleted.
+    Protected,
+    /// `/mgmt` without the right bearer token.
+    Unauthorized,
+    /// A malformed install request: bad URL, missing file name, bad pin.
+    BadRequest(String),
+    /// The downloaded bytes do not match the `#sha256=` pin.
+    HashMismatch { expected: String, actual: String },
+    /// The download failed: unreachable, non-2xx, too many redirects.
+    Fetch(String),
+    /// The download took longer than `EDGEFAAS_FETCH_TIMEOUT`.
+    FetchTimeout,
+    /// A body or function file over its limit; says which limit.
+    TooLarge(String),
+    /// `EDGEFAAS_MAX_INFLIGHT` invocations are already running.
+    Busy,
+    /// The handler raised, exited non-zero or misbehaved; carries the reason.
+    Failed { name: String, reason: String },
+    /// The handler ran past `EDGEFAAS_EXEC_TIMEOUT`.
+    Timeout { name: String, secs: f64 },
+    /// The daemon is draining for shutdown.
+    ShuttingDown,
+    /// The disk is full.
+    NoSpace,
+    /// Any other I/O failure inside the daemon.
+    Io(io::Error),
+}
+
+impl Error {
+    /// The HTTP status a client sees for this error.
+    pub fn status(&self) -> u16 {
+        match self {
+            Error::BadName(_) | Error::BadRequest(_) | Error::HashMismatch { .. } => 400,
+            Error::Unauthorized => 401,
+            Error::Protected => 403,
+            Error::NotFound(_) | Error::NoRoute(_) => 404,
+            Error::Method(_) => 405,
+            Error::TooLarge(_) => 413,
+            Error::Busy => 429,
+            Error::Failed { .. } | Error::Io(_) => 500,
+            Error::Fetch(_) => 502,
+            Error::ShuttingDown => 503,
+            Error::FetchTimeout | Error::Timeout { .. } => 504,
+            Error::NoSpace => 507,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::BadName(why) => write!(f, "{why}"),
+            Error::NotFound(name) => write!(f, "function '{name}' not found"),
+            Error::NoRoute(path) => write!(f, "no such endpoint: {path}"),
+            Error::Method(allowed) => write!(f, "method not allowed here; use {allowed}"),
+            Error::Protected => write!(f, "echo is the default function and cannot be changed"),
+            Error::Unauthorized => write!(f, "missing or wrong bearer token for /mgmt"),
+            Error::BadRequest(why) => write!(f, "{why}"),
+            Error::HashMismatch { expected, actual } => {
+                write!(
+                    f,
+                    "sha256 mismatch: expected {expected}, downloaded {actual}"
+                )
+            }
+            Error::Fetch(why) => write!(f, "download failed: {why}"),
+            Error::FetchTimeout => write!(f, "download timed out"),
+            Error::TooLarge(what) => write!(f, "{what}"),
+            Error::Busy => write!(f, "too many invocations in flight, try again later"),
+            Error::Failed { name, reason } => write!(f, "function '{name}' failed: {reason}"),
+            Error::Timeout { name, secs } => {
+                write!(
+                    f,
+                    "function '{name}' timed out after {secs}s and was killed"
+                )
+            }
+            Error::ShuttingDown => write!(f, "shutting down"),
+            Error::NoSpace => write!(f, "no space left on device; nothing was changed"),
+            Error::Io(e) => write!(f, "internal error: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Self {
+        if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) {
+            Error::NoSpace
+        } else {
+            Error::Io(e)
+        }
+    }
+}
+
+/// Result with the daemon's error.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

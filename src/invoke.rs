@@ -1,0 +1,311 @@
+//! Running one function for one request: the only place that starts Python.
+//! The request body goes to stdin, the response comes from stdout, under a
+//! deadline that kills the whole process group, with output capped.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::process::Processes;
+use crate::store::FunctionName;
+
+/// Marks the runner's status-and-headers line at the end of stderr.
+const META_MARK: &[u8] = b"\0EDGEFAAS-META ";
+/// How much of stderr is kept (the tail: the exception is at the end).
+const STDERR_KEEP: usize = 64 * 1024;
+/// How long to wait for pipes to close once the group is dead.
+const DRAIN_WAIT: Duration = Duration::from_secs(1);
+
+/// One request as a function sees it.
+pub struct Call<'a> {
+    pub name: &'a FunctionName,
+    pub handler: &'a Path,
+    pub body: Vec<u8>,
+    /// `Http_*` variables (OpenFaaS classic watchdog names).
+    pub env: Vec<(String, String)>,
+}
+
+/// What a function answered.
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// The status and headers a handler returned in a dict.
+#[derive(Deserialize)]
+struct Meta {
+    #[serde(rename = "statusCode", default = "ok")]
+    status: i64,
+    #[serde(default)]
+    headers: Vec<(String, String)>,
+}
+
+fn ok() -> i64 {
+    200
+}
+
+/// Starts function processes with fixed limits.
+pub struct Invoker {
+    pub python: String,
+    pub runner: std::path::PathBuf,
+    pub timeout: Duration,
+    pub max_output: u64,
+    pub procs: Arc<Processes>,
+}
+
+enum Event {
+    Out(Vec<u8>),
+    Err(Vec<u8>),
+    OutClosed,
+    ErrClosed,
+    Exited,
+}
+
+impl Invoker {
+    /// Runs the function once, in a fresh process, and returns its reply.
+    pub fn invoke(&self, call: Call<'_>) -> Result<Reply> {
+        let dir = call.handler.parent().unwrap_or(Path::new("/"));
+        let mut cmd = Command::new(&self.python);
+        cmd.arg(&self.runner)
+            .arg(call.handler)
+            .current_dir(dir)
+            .env_remove("EDGEFAAS_MGMT_TOKEN")
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .envs(call.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = self.procs.spawn(&mut cmd).map_err(|e| Error::Failed {
+            name: call.name.to_string(),
+            reason: format!("cannot start {}: {e}", self.python),
+        })?;
+        let pid = child.id();
+        let (tx, rx) = mpsc::channel();
+        let (stdin, stdout, stderr) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take());
+        if let Some(mut stdin) = stdin {
+            let body = call.body;
+            // A handler that never reads stdin gets EPIPE here; that is its business.
+            spawn_io(move || drop(stdin.write_all(&body)));
+        }
+        if let Some(out) = stdout {
+            pump(out, tx.clone(), Event::Out, Event::OutClosed);
+        }
+        if let Some(err) = stderr {
+            pump(err, tx.clone(), Event::Err, Event::ErrClosed);
+        }
+        spawn_io(move || {
+            if let Err(e) = crate::sys::wait_exited_unreaped(pid) {
+                warn!("waiting for process {pid}: {e}");
+            }
+            let _ = tx.send(Event::Exited);
+        });
+
+        let deadline = Instant::now() + self.timeout;
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let (mut exited, mut out_open, mut err_open) = (false, true, true);
+        let mut failure: Option<Error> = None;
+        while !exited || out_open || err_open {
+            let limit = if exited {
+                Instant::now() + DRAIN_WAIT
+            } else {
+                deadline
+            };
+            let event = match rx.recv_timeout(limit.saturating_duration_since(Instant::now())) {
+                Ok(event) => event,
+                Err(RecvTimeoutError::Timeout) if !exited => {
+                    failure.get_or_insert(Error::Timeout {
+                        name: call.name.to_string(),
+                        secs: self.timeout.as_secs_f64(),
+                    });
+                    self.procs.kill(pid);
+                    continue;
+                }
+                // Pipes held open by a process that left the group: the sweeper kills it.
+                Err(_) => break,
+            };
+            match event {
+                Event::Out(chunk) => {
+                    out.extend_from_slice(&chunk);
+                    if out.len() as u64 > self.max_output && failure.is_none() {
+                        failure = Some(Error::Failed {
+                            name: call.name.to_string(),
+                            reason: format!(
+                                "output exceeded EDGEFAAS_MAX_OUTPUT ({} bytes)",
+                                self.max_output
+                            ),
+                        });
+                        self.procs.kill(pid);
+                    }
+                    if failure.is_some() {
+                        out.clear();
+                    }
+                }
+                Event::Err(chunk) => {
+                    err.extend_from_slice(&chunk);
+                    if err.len() > 2 * STDERR_KEEP {
+                        err.drain(..err.len() - STDERR_KEEP);
+                    }
+                }
+                Event::OutClosed => out_open = false,
+                Event::ErrClosed => err_open = false,
+                Event::Exited => {
+                    exited = true;
+                    // Anything the handler left running dies with it.
+                    self.procs.kill(pid);
+                }
+            }
+        }
+        let status = self.procs.finish(child)?;
+        let (meta, log) = split_meta(&err);
+        log_stderr(call.name, &status, log);
+        if let Some(failure) = failure {
+            return Err(failure);
+        }
+        if !status.success() {
+            return Err(Error::Failed {
+                name: call.name.to_string(),
+                reason: exit_reason(&status, log),
+            });
+        }
+        reply(call.name, meta, out)
+    }
+}
+
+/// Builds the reply from the handler's output and optional dict metadata.
+fn reply(name: &FunctionName, meta: Option<&[u8]>, body: Vec<u8>) -> Result<Reply> {
+    let Some(meta) = meta else {
+        return Ok(Reply {
+            status: 200,
+            headers: Vec::new(),
+            body,
+        });
+    };
+    let bad = |why: String| Error::Failed {
+        name: name.to_string(),
+        reason: why,
+    };
+    let meta: Meta =
+        serde_json::from_slice(meta).map_err(|e| bad(format!("bad response dict: {e}")))?;
+    let status = u16::try_from(meta.status)
+        .ok()
+        .filter(|s| (100..=599).contains(s));
+    let status =
+        status.ok_or_else(|| bad(format!("statusCode {} is not an HTTP status", meta.status)))?;
+    Ok(Reply {
+        status,
+        headers: meta.headers,
+        body,
+    })
+}
+
+/// Splits the runner's metadata line off the end of stderr.
+fn split_meta(err: &[u8]) -> (Option<&[u8]>, &[u8]) {
+    let Some(at) = err.windows(META_MARK.len()).rposition(|w| w == META_MARK) else {
+        return (None, err);
+    };
+    let line = &err[at + META_MARK.len()..];
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let before = &err[..at];
+    (Some(line), before.strip_suffix(b"\n").unwrap_or(before))
+}
+
+/// The one-line reason a run failed: the last line of stderr, else the exit status.
+fn exit_reason(status: &ExitStatus, stderr: &[u8]) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    let text = String::from_utf8_lossy(stderr);
+    if let Some(line) = text.lines().rev().map(str::trim).find(|l| !l.is_empty()) {
+        return line.chars().take(300).collect();
+    }
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (_, Some(sig)) => format!("killed by signal {sig}"),
+        _ => "exited abnormally".into(),
+    }
+}
+
+fn log_stderr(name: &FunctionName, status: &ExitStatus, stderr: &[u8]) {
+    if stderr.is_empty() {
+        return;
+    }
+    let text = String::from_utf8_lossy(stderr);
+    if status.success() {
+        info!("function {name} stderr: {}", text.trim_end());
+    } else {
+        warn!(
+            "function {name} failed ({status}), stderr:\n{}",
+            text.trim_end()
+        );
+    }
+}
+
+/// Forwards everything read from `pipe` as events, then a closing event.
+fn pump<R: Read + Send + 'static>(
+    mut pipe: R,
+    tx: Sender<Event>,
+    data: fn(Vec<u8>) -> Event,
+    closed: Event,
+) {
+    spawn_io(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match pipe.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if tx.send(data(buf[..n].to_vec())).is_err() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+        let _ = tx.send(closed);
+    });
+}
+
+/// Starts a small helper thread for one invocation's I/O.
+fn spawn_io(f: impl FnOnce() + Send + 'static) {
+    let spawned = std::thread::Builder::new().stack_size(128 * 1024).spawn(f);
+    if let Err(e) = spawned {
+        // Without the thread the invocation stalls until its deadline kills it: loud, not fatal.
+        warn!("cannot start an I/O thread: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meta_line_is_split_off_stderr() {
+        let err = b"warning: x\n\0EDGEFAAS-META {\"statusCode\":201}\n";
+        let (meta, log) = split_meta(err);
+        assert_eq!(meta, Some(&b"{\"statusCode\":201}"[..]));
+        assert_eq!(log, b"warning: x");
+        assert_eq!(split_meta(b"plain"), (None, &b"plain"[..]));
+    }
+
+    #[test]
+    fn reason_is_the_last_stderr_line() {
+        use std::os::unix::process::ExitStatusExt;
+        let st = ExitStatus::from_raw(256);
+        assert_eq!(
+            exit_reason(&st, b"Traceback\n  x\nValueError: bad\n\n"),
+            "ValueError: bad"
+        );
+        assert_eq!(exit_reason(&st, b""), "exited with status 1");
+        assert_eq!(
+            exit_reason(&ExitStatus::from_raw(9), b""),
+            "killed by signal 9"
+        );
+    }
+}

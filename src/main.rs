@@ -1,0 +1,131 @@
+//! `edgefaas`: a Function-as-a-Service daemon for edge devices. It serves many
+//! Python functions over HTTP from one small static binary, and installs and
+//! deletes them on the fly. See README.md for use and ARCHITECTURE.md for the map.
+#![deny(unsafe_code)]
+
+mod app;
+mod config;
+mod error;
+mod fetch;
+mod invoke;
+mod metrics;
+mod mgmt;
+mod process;
+mod router;
+mod server;
+mod store;
+mod sys;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{error, info, warn};
+use signal_hook::consts::{SIGINT, SIGTERM};
+
+use crate::app::App;
+use crate::config::Config;
+
+const USAGE: &str = "\
+edgefaas: a Function-as-a-Service daemon for edge devices
+
+Usage: edgefaas [--help | --version]
+
+Configured by environment variables (defaults in brackets):
+  EDGEFAAS_PORT [8080]             EDGEFAAS_BIND [0.0.0.0]
+  EDGEFAAS_FUNCTIONS_DIR [./function]
+  EDGEFAAS_PYTHON [python3]        EDGEFAAS_WORKERS [2 x cores, at least 4]
+  EDGEFAAS_MAX_INFLIGHT [workers - 1]
+  EDGEFAAS_EXEC_TIMEOUT [10]       EDGEFAAS_FETCH_TIMEOUT [30]   (seconds)
+  EDGEFAAS_SHUTDOWN_GRACE [10]     (seconds)
+  EDGEFAAS_MAX_BODY [1048576]      EDGEFAAS_MAX_OUTPUT [4194304]
+  EDGEFAAS_MAX_FUNCTION_SIZE [262144]                           (bytes)
+  EDGEFAAS_MGMT_TOKEN [unset: /mgmt is open]
+  RUST_LOG [info]
+";
+
+fn main() -> ExitCode {
+    match std::env::args().nth(1).as_deref() {
+        Some("-h" | "--help") => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Some("-V" | "--version") => {
+            println!("edgefaas {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Some(other) => {
+            eprintln!(
+                "edgefaas: unknown argument '{other}' (configure with EDGEFAAS_* variables; see --help)"
+            );
+            return ExitCode::FAILURE;
+        }
+        None => {}
+    }
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), String> {
+    let config = Config::from_env().map_err(|e| e.to_string())?;
+    let addr = config.addr();
+    // Register before anything else so a SIGTERM during start-up is not lost.
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(|e| e.to_string())?;
+    let app = App::new(config).map_err(|e| format!("cannot open the functions dir: {e}"))?;
+    let app = Arc::new(app);
+    if app.config.mgmt_token.is_none() {
+        warn!("EDGEFAAS_MGMT_TOKEN is not set: anyone who reaches the port can install functions");
+    }
+    process::start_sweeper(app.procs.clone())
+        .map_err(|e| format!("cannot start the process sweeper: {e}"))?;
+    let server =
+        tiny_http::Server::http(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let server = Arc::new(server);
+    let pool = server::Pool::start(app.clone(), server.clone())
+        .map_err(|e| format!("cannot start workers: {e}"))?;
+    info!(
+        "edgefaas {} serving {} on {} with {} workers, {} invocations at once",
+        env!("CARGO_PKG_VERSION"),
+        app.store.dir().display(),
+        server.server_addr(),
+        app.config.workers,
+        app.config.max_inflight
+    );
+    let signal = signals.forever().next().unwrap_or(SIGTERM);
+    info!(
+        "signal {signal}: draining ({} in flight, grace {:?})",
+        app.inflight.current(),
+        app.config.shutdown_grace
+    );
+    drain(&app);
+    pool.stop(Duration::from_secs(2));
+    info!("stopped");
+    Ok(())
+}
+
+/// Refuses new work, waits for in-flight invocations up to the grace period, then kills the rest.
+fn drain(app: &App) {
+    app.start_draining();
+    let deadline = Instant::now() + app.config.shutdown_grace;
+    while app.inflight.current() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if app.inflight.current() > 0 {
+        warn!(
+            "grace period over: killing {} invocations",
+            app.inflight.current()
+        );
+        app.procs.kill_all();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while app.inflight.current() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}

@@ -1,0 +1,368 @@
+//! The on-disk function store: the only code that writes under the functions
+//! directory. Installs and deletes are atomic renames, so a crash at any moment
+//! leaves the old function or the new one, never half of one.
+
+use std::fmt;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use log::{info, warn};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::sys;
+
+/// The runner every invocation executes, embedded so the binary is a complete install.
+pub const RUNNER: &str = include_str!("../python/index.py");
+/// The default function, always present.
+pub const ECHO: &str = include_str!("../python/echo/handler.py");
+
+const HANDLER: &str = "handler.py";
+const META: &str = "meta.json";
+const RUNTIME: &str = ".runtime";
+/// Prefixes of the daemon's own scratch entries. A leading dot can never start
+/// a valid function name, so none of these can be listed or invoked.
+const STAGE: &str = ".stage-";
+const TRASH: &str = ".trash-";
+const OLD: &str = ".old-";
+
+/// A validated function name: `^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$`, not reserved.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FunctionName(String);
+
+impl FunctionName {
+    /// Checks `s` against the naming rule; the error says why in one line.
+    pub fn parse(s: &str) -> Result<FunctionName> {
+        let shown = || format!("{:?}", s.chars().take(80).collect::<String>());
+        if s.starts_with('_') {
+            return Err(Error::BadName(format!(
+                "invalid function name {}: names starting with '_' are reserved",
+                shown()
+            )));
+        }
+        if s == "mgmt" {
+            return Err(Error::BadName(
+                "invalid function name \"mgmt\": it is reserved".into(),
+            ));
+        }
+        let mut chars = s.chars();
+        let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
+        let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !first_ok || !rest_ok || s.len() > 64 {
+            return Err(Error::BadName(format!(
+                "invalid function name {}: use 1 to 64 letters, digits, '_' or '-', starting with a letter or digit",
+                shown()
+            )));
+        }
+        Ok(FunctionName(s.to_string()))
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// True for the protected default function.
+    pub fn is_echo(&self) -> bool {
+        self.0 == "echo"
+    }
+}
+
+impl fmt::Display for FunctionName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What the store keeps beside each handler.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Meta {
+    /// The URL it was downloaded from, or `upload`.
+    pub source: String,
+    /// Seconds since the Unix epoch when it was installed.
+    pub installed_at: u64,
+    /// Hex sha256 of handler.py.
+    pub sha256: String,
+    /// Size of handler.py in bytes.
+    pub size: u64,
+}
+
+/// Whether an install made a new function or replaced one.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Installed {
+    Created,
+    Updated,
+}
+
+/// The functions directory.
+pub struct Store {
+    dir: PathBuf,
+    /// Serialises writers; readers need no lock because every change is one rename.
+    write: Mutex<()>,
+    seq: AtomicU64,
+}
+
+impl Store {
+    /// Opens (creating) the directory, clears what a crash left behind, and
+    /// writes the embedded runner and `echo`.
+    pub fn open(dir: &Path) -> io::Result<Store> {
+        fs::create_dir_all(dir)?;
+        let dir = fs::canonicalize(dir)?;
+        let store = Store {
+            dir,
+            write: Mutex::new(()),
+            seq: AtomicU64::new(0),
+        };
+        store.recover()?;
+        store.write_builtin(RUNTIME, "index.py", RUNNER)?;
+        store.write_builtin("echo", HANDLER, ECHO)?;
+        Ok(store)
+    }
+
+    /// The directory itself.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Path of the embedded runner written at start-up.
+    pub fn runner_path(&self) -> PathBuf {
+        self.dir.join(RUNTIME).join("index.py")
+    }
+
+    /// The handler of an installed function.
+    pub fn handler(&self, name: &FunctionName) -> Result<PathBuf> {
+        let path = self.dir.join(name.as_str()).join(HANDLER);
+        if path.is_file() {
+            Ok(path)
+        } else {
+            Err(Error::NotFound(name.to_string()))
+        }
+    }
+
+    /// Installed functions: `echo` first, the rest sorted.
+    pub fn list(&self) -> io::Result<Vec<FunctionName>> {
+        let mut names: Vec<FunctionName> = fs::read_dir(&self.dir)?
+            .filter_map(|e| FunctionName::parse(e.ok()?.file_name().to_str()?).ok())
+            .filter(|n| self.dir.join(n.as_str()).join(HANDLER).is_file())
+            .collect();
+        names.sort_by(|a, b| (!a.is_echo(), a).cmp(&(!b.is_echo(), b)));
+        Ok(names)
+    }
+
+    /// Installs `source` as function `name`, atomically replacing any old version.
+    pub fn install(&self, name: &FunctionName, source: &[u8], origin: &str) -> Result<Installed> {
+        if name.is_echo() {
+            return Err(Error::Protected);
+        }
+        let meta = Meta {
+            source: origin.to_string(),
+            installed_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            sha256: sha256_hex(source),
+            size: source.len() as u64,
+        };
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let stage = self.scratch(STAGE, name);
+        let staged = self.stage(&stage, source, &meta);
+        if let Err(e) = staged {
+            let _ = fs::remove_dir_all(&stage);
+            return Err(e.into());
+        }
+        let target = self.dir.join(name.as_str());
+        let outcome = if target.exists() {
+            self.swap_in(&stage, &target)?;
+            Installed::Updated
+        } else {
+            fs::rename(&stage, &target)?;
+            Installed::Created
+        };
+        sync_dir(&self.dir)?;
+        info!(
+            "installed {name} ({} bytes, sha256 {}) from {origin}",
+            meta.size, meta.sha256
+        );
+        Ok(outcome)
+    }
+
+    /// Deletes function `name`: one rename out of sight, then removal.
+    pub fn delete(&self, name: &FunctionName) -> Result<()> {
+        if name.is_echo() {
+            return Err(Error::Protected);
+        }
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let target = self.dir.join(name.as_str());
+        if !target.join(HANDLER).is_file() {
+            return Err(Error::NotFound(name.to_string()));
+        }
+        let trash = self.scratch(TRASH, name);
+        fs::rename(&target, &trash)?;
+        sync_dir(&self.dir)?;
+        if let Err(e) = fs::remove_dir_all(&trash) {
+            warn!(
+                "cannot remove {}: {e}; it is cleared at next start",
+                trash.display()
+            );
+        }
+        info!("deleted {name}");
+        Ok(())
+    }
+
+    /// Writes a complete, synced function directory at `stage`.
+    fn stage(&self, stage: &Path, source: &[u8], meta: &Meta) -> io::Result<()> {
+        fs::create_dir(stage)?;
+        write_synced(&stage.join(HANDLER), source)?;
+        let meta = serde_json::to_vec(meta).map_err(io::Error::other)?;
+        write_synced(&stage.join(META), &meta)?;
+        sync_dir(stage)
+    }
+
+    /// Replaces `target` by `stage` in one step where the file system can
+    /// (RENAME_EXCHANGE), else in two renames that `recover` can undo.
+    fn swap_in(&self, stage: &Path, target: &Path) -> io::Result<()> {
+        match sys::rename_exchange(stage, target) {
+            Ok(()) => {
+                // `stage` now holds the old version.
+                let _ = fs::remove_dir_all(stage);
+                Ok(())
+            }
+            Err(e)
+                if e.raw_os_error() == Some(libc::EINVAL)
+                    || e.raw_os_error() == Some(libc::ENOSYS) =>
+            {
+                let name = target
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default();
+                let old = self.dir.join(format!("{OLD}{name}"));
+                fs::rename(target, &old)?;
+                fs::rename(stage, target)?;
+                let _ = fs::remove_dir_all(&old);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A fresh scratch path for `name` with the given prefix.
+    fn scratch(&self, prefix: &str, name: &FunctionName) -> PathBuf {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        self.dir
+            .join(format!("{prefix}{name}.{}.{n}", std::process::id()))
+    }
+
+    /// Clears staging and trash left by a crash; puts back an old version whose
+    /// replacement never arrived (the two-rename fallback cut in the middle).
+    fn recover(&self) -> io::Result<()> {
+        for entry in fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let file_name = entry.file_name();
+            let Some(name) = file_name.to_str() else {
+                continue;
+            };
+            let path = entry.path();
+            if let Some(old) = name.strip_prefix(OLD) {
+                let target = self.dir.join(old);
+                if FunctionName::parse(old).is_ok() && !target.exists() {
+                    warn!("restoring {old} after an interrupted update");
+                    fs::rename(&path, &target)?;
+                    continue;
+                }
+            }
+            if name.starts_with(STAGE) || name.starts_with(TRASH) || name.starts_with(OLD) {
+                warn!("removing leftover {name} from an interrupted install or delete");
+                fs::remove_dir_all(&path)?;
+            }
+        }
+        sync_dir(&self.dir)
+    }
+
+    /// Writes a file the daemon itself ships, unless it is already exactly that.
+    fn write_builtin(&self, dir: &str, file: &str, text: &str) -> io::Result<()> {
+        let dir = self.dir.join(dir);
+        let path = dir.join(file);
+        if fs::read(&path).is_ok_and(|old| old == text.as_bytes()) {
+            return Ok(());
+        }
+        fs::create_dir_all(&dir)?;
+        let tmp = dir.join(format!(".{file}.tmp"));
+        write_synced(&tmp, text.as_bytes())?;
+        fs::rename(&tmp, &path)?;
+        if dir.file_name().is_some_and(|n| n == "echo") {
+            let meta = Meta {
+                source: "builtin".into(),
+                installed_at: 0,
+                sha256: sha256_hex(text.as_bytes()),
+                size: text.len() as u64,
+            };
+            let meta = serde_json::to_vec(&meta).map_err(io::Error::other)?;
+            write_synced(&dir.join(META), &meta)?;
+        }
+        sync_dir(&dir)
+    }
+}
+
+/// Lowercase hex sha256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut f = File::create(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_names_are_accepted() {
+        for ok in ["a", "echo", "A9", "avg_2-x", &"x".repeat(64), "0"] {
+            assert!(FunctionName::parse(ok).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn invalid_and_reserved_names_are_refused_with_a_reason() {
+        for bad in [
+            "",
+            "_x",
+            "-x",
+            "mgmt",
+            "a.py",
+            "..",
+            "a/b",
+            "a b",
+            "é",
+            "a\0",
+            &"x".repeat(65),
+            "x.",
+        ] {
+            let err = FunctionName::parse(bad).unwrap_err();
+            assert_eq!(err.status(), 400, "{bad:?}");
+            assert!(
+                err.to_string().starts_with("invalid function name"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn sha256_is_lowercase_hex() {
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

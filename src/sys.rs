@@ -1,0 +1,96 @@
+//! The few Linux system calls std does not wrap, each behind a safe function.
+//! This is the only module allowed `unsafe`.
+#![allow(unsafe_code)] // reason: thin wrappers over libc calls std lacks; each checked below
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+fn check(ret: libc::c_long) -> io::Result<()> {
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Sends SIGKILL to every process in group `pgid`; a group already gone is fine.
+pub fn kill_group(pgid: u32) -> io::Result<()> {
+    let Ok(pgid) = libc::pid_t::try_from(pgid) else {
+        return Ok(());
+    };
+    // SAFETY: kill(2) with a negative pid only signals; pgid > 0 so it never means "all".
+    let ret = unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    match check(ret.into()) {
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+        other => other,
+    }
+}
+
+/// Sends SIGKILL to one process; one already gone is fine.
+pub fn kill(pid: u32) -> io::Result<()> {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return Ok(());
+    };
+    // SAFETY: kill(2) with a positive pid only signals that process.
+    let ret = unsafe { libc::kill(pid, libc::SIGKILL) };
+    match check(ret.into()) {
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+        other => other,
+    }
+}
+
+/// Blocks until child `pid` has exited, leaving it unreaped, so its pid (and
+/// process group id) cannot be reused before the caller has killed the group.
+pub fn wait_exited_unreaped(pid: u32) -> io::Result<()> {
+    let id = libc::id_t::from(pid);
+    loop {
+        // SAFETY: siginfo_t is plain data; waitid(2) writes into it and nothing else.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: valid pointer to a live siginfo_t; WNOWAIT leaves the child for std to reap.
+        let ret =
+            unsafe { libc::waitid(libc::P_PID, id, &mut info, libc::WEXITED | libc::WNOWAIT) };
+        match check(ret.into()) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Reaps `pid` if it is an exited child of ours; true when it was reaped.
+pub fn reap(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    let mut status = 0;
+    // SAFETY: waitpid(2) for one specific pid, writing only into `status`.
+    unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) == pid }
+}
+
+/// Makes orphaned descendants of the daemon its children, so it can reap and kill them.
+pub fn become_subreaper() -> io::Result<()> {
+    // SAFETY: prctl(2) PR_SET_CHILD_SUBREAPER takes a plain integer argument.
+    let ret = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) };
+    check(ret.into())
+}
+
+/// Atomically swaps two directory entries (renameat2 RENAME_EXCHANGE).
+/// Fails with EINVAL on file systems that cannot do it.
+pub fn rename_exchange(a: &Path, b: &Path) -> io::Result<()> {
+    const RENAME_EXCHANGE: libc::c_uint = 2;
+    let a = CString::new(a.as_os_str().as_bytes())?;
+    let b = CString::new(b.as_os_str().as_bytes())?;
+    // SAFETY: both paths are NUL-terminated C strings that outlive the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            RENAME_EXCHANGE,
+        )
+    };
+    check(ret)
+}
