@@ -209,12 +209,16 @@ mod tests {
 
     #[test]
     fn bad_value_names_the_variable() {
-        let err = from(&[("EDGEFAAS_PORT", "eighty")]).unwrap_err();
+        let err = from(&[("EDGEFAAS_PORT", "eighty")])
+            .err()
+            .expect("an error");
         assert_eq!(
             err.to_string(),
             "EDGEFAAS_PORT: expected a port number from 0 to 65535, got 'eighty'"
         );
-        let err = from(&[("EDGEFAAS_EXEC_TIMEOUT", "-1")]).unwrap_err();
+        let err = from(&[("EDGEFAAS_EXEC_TIMEOUT", "-1")])
+            .err()
+            .expect("an error");
         assert!(err.to_string().starts_with("EDGEFAAS_EXEC_TIMEOUT:"));
         assert!(from(&[("EDGEFAAS_WORKERS", "0")]).is_err());
         assert!(from(&[("EDGEFAAS_BIND", "localhost")]).is_err());

@@ -28,7 +28,7 @@ impl InFlight {
                 (n < self.max).then_some(n + 1)
             })
             .is_ok();
-        admitted.then_some(InFlightGuard(self))
+        admitted.then(|| InFlightGuard(self))
     }
 
     /// How many are running.

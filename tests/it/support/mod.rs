@@ -1,0 +1,326 @@
+//! Test harness: the real `edgefaas` binary on a free loopback port with a
+//! temporary functions dir, a raw HTTP/1.1 client, and a file server.
+
+#![allow(dead_code)] // reason: each test file uses a different part of the harness
+
+pub mod files;
+pub mod http;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+pub use files::FileServer;
+pub use http::{Reply, request};
+
+/// The Python that functions run with: EDGEFAAS_PYTHON, else Debian's fast one, else PATH's.
+pub fn python() -> String {
+    if let Ok(p) = std::env::var("EDGEFAAS_PYTHON") {
+        return p;
+    }
+    if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3".into()
+    } else {
+        "python3".into()
+    }
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("edgefaas-test-{}-{tag}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running daemon. Dropping it kills it; if the test is failing, its stderr is printed.
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub port: u16,
+    pub dir: PathBuf,
+    pub env: Vec<(String, String)>,
+    log: PathBuf,
+    _scratch: TempDir,
+}
+
+/// How to run the binary: EDGEFAAS_BIN (e.g. an ARM build) with an optional
+/// EDGEFAAS_BIN_RUNNER prefix (e.g. qemu-arm-static), else cargo's build.
+fn command() -> Command {
+    let bin =
+        std::env::var("EDGEFAAS_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_edgefaas").into());
+    match std::env::var("EDGEFAAS_BIN_RUNNER")
+        .ok()
+        .filter(|r| !r.is_empty())
+    {
+        Some(runner) => {
+            let mut c = Command::new(runner);
+            c.arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    }
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Daemon {
+    /// Starts a daemon with default settings plus `env`, and waits until it serves.
+    pub fn start(env: &[(&str, &str)]) -> Daemon {
+        let scratch = TempDir::new("daemon");
+        let dir = scratch.path().join("function");
+        Daemon::start_in(scratch, dir, env)
+    }
+
+    /// Starts a daemon over an existing functions dir (for restart tests).
+    pub fn start_in(scratch: TempDir, dir: PathBuf, env: &[(&str, &str)]) -> Daemon {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut d = Daemon {
+            child: None,
+            port: 0,
+            dir,
+            env,
+            log: scratch.path().join("daemon.log"),
+            _scratch: scratch,
+        };
+        d.launch();
+        d
+    }
+
+    fn launch(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            self.port = free_port();
+            self.child = Some(self.spawn());
+            if self.wait_ready(deadline) {
+                return;
+            }
+            // The port may have been taken in between: try another, within the bound.
+            let status = self.kill();
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not start ({status:?}); log:\n{}",
+                self.log()
+            );
+        }
+    }
+
+    fn spawn(&self) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut cmd = command();
+        cmd.env("EDGEFAAS_PORT", self.port.to_string())
+            .env("EDGEFAAS_BIND", "127.0.0.1")
+            .env("EDGEFAAS_FUNCTIONS_DIR", &self.dir)
+            .env("EDGEFAAS_PYTHON", python())
+            .env("RUST_LOG", "debug")
+            // Loopback only: no proxy may carry the test's downloads elsewhere.
+            .env_remove("HTTP_PROXY")
+            .env_remove("http_proxy")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .env_remove("ALL_PROXY")
+            .env_remove("all_proxy")
+            .env_remove("EDGEFAAS_MGMT_TOKEN")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        cmd.spawn().expect("cannot start edgefaas")
+    }
+
+    /// Polls `/_/health` until 200 or the daemon exits; false when it died.
+    fn wait_ready(&mut self, deadline: Instant) -> bool {
+        while Instant::now() < deadline {
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
+                return false;
+            }
+            if let Ok(r) = http::try_request(self.port, "GET", "/_/health", &[], b"") {
+                if r.status == 200 {
+                    return true;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// The daemon's stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
+    }
+
+    /// Sends an HTTP request and returns the answer (panics with the log on I/O failure).
+    pub fn req(&self, method: &str, path: &str, body: &[u8]) -> Reply {
+        self.req_h(method, path, &[], body)
+    }
+
+    /// Like `req`, with extra headers.
+    pub fn req_h(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+        match http::try_request(self.port, method, path, headers, body) {
+            Ok(r) => r,
+            Err(e) => panic!("{method} {path}: {e}\ndaemon log:\n{}", self.log()),
+        }
+    }
+
+    /// `PUT /mgmt/<name>` with `source`, asserting success.
+    pub fn upload(&self, name: &str, source: &str) {
+        let r = self.req("PUT", &format!("/mgmt/{name}"), source.as_bytes());
+        assert!(
+            r.status == 201 || r.status == 200,
+            "upload {name}: {r:?}\nlog:\n{}",
+            self.log()
+        );
+    }
+
+    /// Sends a signal by name (TERM, INT, KILL) to the daemon.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits for the daemon to exit, at most `bound`.
+    pub fn wait_exit(&mut self, bound: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + bound;
+        let child = self.child.as_mut()?;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    /// Kills the daemon at once (SIGKILL), as a power cut would stop it.
+    pub fn kill(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = child.kill();
+        child.wait().ok()
+    }
+
+    /// Starts the daemon again over the same functions dir.
+    pub fn restart(&mut self) {
+        if self.child.is_some() {
+            self.signal("TERM");
+            self.wait_exit(Duration::from_secs(15))
+                .expect("daemon did not stop");
+        }
+        self.launch();
+    }
+
+    /// Names listed by `GET /mgmt`.
+    pub fn names(&self) -> Vec<String> {
+        let r = self.req("GET", "/mgmt", b"");
+        assert_eq!(r.status, 200);
+        r.text().lines().map(str::to_string).collect()
+    }
+
+    /// Entries of the functions dir, sorted (to check nothing stray is left).
+    pub fn dir_entries(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&self.dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("---- edgefaas log ----\n{}\n----", self.log());
+        }
+    }
+}
+
+/// Pids of the live (non-zombie) processes whose parent is `ppid`, and the zombies.
+pub fn children(ppid: u32) -> (Vec<u32>, Vec<u32>) {
+    let (mut live, mut zombies) = (Vec::new(), Vec::new());
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        let mut f = stat[close + 1..].split_whitespace();
+        let state = f.next().unwrap_or("");
+        let parent: u32 = f.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        if parent == ppid {
+            if state == "Z" {
+                zombies.push(pid)
+            } else {
+                live.push(pid)
+            }
+        }
+    }
+    (live, zombies)
+}
+
+/// True while `/proc/<pid>` exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rfind(')')
+            .is_some_and(|i| !stat[i + 1..].trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Waits until `cond` holds, at most `bound`; returns whether it did.
+pub fn eventually(bound: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + bound;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
