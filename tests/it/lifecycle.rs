@@ -159,7 +159,7 @@ fn a_bad_setting_stops_start_up_with_a_line_naming_it() {
         ("EDGEFAAS_MAX_BODY", "-5"),
         ("EDGEFAAS_WORKERS", "many"),
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_edgefaas"))
+        let out = crate::support::command()
             .env(var, value)
             .env(
                 "EDGEFAAS_FUNCTIONS_DIR",

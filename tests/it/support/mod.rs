@@ -62,7 +62,7 @@ pub struct Daemon {
 
 /// How to run the binary: EDGEFAAS_BIN (e.g. an ARM build) with an optional
 /// EDGEFAAS_BIN_RUNNER prefix (e.g. qemu-arm-static), else cargo's build.
-fn command() -> Command {
+pub fn command() -> Command {
     let bin =
         std::env::var("EDGEFAAS_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_edgefaas").into());
     match std::env::var("EDGEFAAS_BIN_RUNNER")
