@@ -1,6 +1,6 @@
 //! Start-up, restart, crash recovery, configuration errors and graceful shutdown.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use crate::support::{Daemon, TempDir, alive, eventually, request};
