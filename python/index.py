@@ -1,6 +1,7 @@
-"""EdgeFaaS runner: runs one function's handle(req) for one request.
+"""EdgeFaaS runner: runs a function's handle(req), one fresh process per request.
 
-    python3 index.py /path/to/<name>/handler.py
+    python3 index.py /path/to/<name>/handler.py            # exec mode: one request
+    python3 index.py --zygote /path/to/<name>/handler.py   # fork mode: see zygote()
 
 The request body arrives on stdin and reaches handle() as str (bytes that are
 not UTF-8 survive as surrogates and are written back unchanged). What the
@@ -13,7 +14,12 @@ Works on Python 3.7 and later.
 import importlib.util
 import json
 import os
+import random
+import select
+import signal
+import socket
 import sys
+import traceback
 
 META_MARK = "\0EDGEFAAS-META "
 RESPONSE_KEYS = {"statusCode", "body", "headers"}
@@ -63,8 +69,139 @@ def emit(result, out, err):
     out.flush()
 
 
+def exit_code(exc):
+    """The status sys.exit(x) gives, printing a message as the interpreter would."""
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code
+    sys.stderr.write(str(exc.code) + "\n")
+    return 1
+
+
+def serve_child(fds, env, module, import_error, own_fds):
+    """In a forked child: take the request's pipes as 0/1/2 and run the handler once."""
+    code = 1
+    try:
+        os.setpgid(0, 0)
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+        for fd in list(fds) + own_fds:
+            if fd > 2:
+                os.close(fd)
+        os.environ.update(env)
+        random.seed()
+        if import_error is not None:
+            sys.stderr.write(import_error)
+        else:
+            result = module.handle(read_request(sys.stdin.buffer))
+            emit(result, sys.stdout, sys.stderr)
+            code = 0
+    except SystemExit as exc:
+        code = exit_code(exc)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BaseException:
+                pass
+        os._exit(code)
+
+
+def zygote(path):
+    """Fork mode: import the handler once, then fork a child per request.
+
+    fd 0 is a SOCK_SEQPACKET socket to the daemon. Each request is one message,
+    JSON {"id": n, "env": [[k, v], ...]}, carrying three fds (the child's stdin,
+    stdout, stderr). For each we answer {"id": n, "pid": p} once the child runs
+    in its own process group, and {"id": n, "status": s} (a wait status) once it
+    has exited and its group has been killed. EOF on the socket ends the zygote.
+    """
+    ctl = socket.socket(fileno=0)
+    try:
+        module, import_error = load(path), None
+    except BaseException:
+        module, import_error = None, traceback.format_exc()
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    signal.set_wakeup_fd(wake_w)
+    own_fds = [wake_r, wake_w]
+    running = {}
+
+    def send(message):
+        ctl.send(json.dumps(message).encode())
+
+    def reap():
+        while True:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if info is None:
+                return
+            pid = info.si_pid
+            try:
+                os.killpg(pid, signal.SIGKILL)  # what the handler left running dies with it
+            except OSError:
+                pass
+            _, status = os.waitpid(pid, 0)
+            request = running.pop(pid, None)
+            if request is not None:
+                send({"id": request, "status": status})
+
+    open_ctl = True
+    while open_ctl or running:
+        readable, _, _ = select.select([ctl, wake_r] if open_ctl else [wake_r], [], [])
+        if wake_r in readable:
+            try:
+                while os.read(wake_r, 512):
+                    pass
+            except BlockingIOError:
+                pass
+            reap()
+        if ctl not in readable:
+            continue
+        data, ancdata, _, _ = ctl.recvmsg(1 << 20, socket.CMSG_SPACE(3 * 4))
+        if not data:
+            # The daemon is gone: nobody will read these children's output.
+            open_ctl = False
+            for pid in list(running):
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            continue
+        fds = []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.extend(int.from_bytes(payload[i:i + 4], sys.byteorder) for i in range(0, len(payload) - 3, 4))
+        request = json.loads(data)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            serve_child(fds, dict(request["env"]), module, import_error, own_fds)
+        try:
+            os.setpgid(pid, pid)  # also done in the child: whichever runs first wins
+        except OSError:
+            pass
+        for fd in fds:
+            os.close(fd)
+        running[pid] = request["id"]
+        send({"id": request["id"], "pid": pid})
+    return 0
+
+
 def main():
     sys.stdout.reconfigure(encoding="utf-8", errors="surrogateescape")
+    if sys.argv[1] == "--zygote":
+        sys.exit(zygote(sys.argv[2]))
     module = load(sys.argv[1])
     result = module.handle(read_request(sys.stdin.buffer))
     emit(result, sys.stdout, sys.stderr)

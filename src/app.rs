@@ -3,6 +3,7 @@
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use crate::config::Config;
 use crate::fetch::Fetcher;
@@ -10,6 +11,7 @@ use crate::invoke::Invoker;
 use crate::metrics::InFlight;
 use crate::process::Processes;
 use crate::store::Store;
+use crate::zygote::Zygotes;
 
 /// Everything a request handler may use.
 pub struct App {
@@ -27,12 +29,19 @@ impl App {
     pub fn new(config: Config) -> io::Result<App> {
         let store = Store::open(&config.functions_dir)?;
         let procs = Arc::new(Processes::default());
+        let zygotes = Arc::new(Zygotes::new(procs.clone(), config.idle_timeout));
+        // Checked a few times per idle period, at least every 5 s.
+        let every =
+            (config.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+        Zygotes::start_evictor(Arc::downgrade(&zygotes), every)?;
         let invoker = Invoker {
             python: config.python.clone(),
             runner: store.runner_path(),
             timeout: config.exec_timeout,
             max_output: config.max_output,
+            mode: config.mode,
             procs: procs.clone(),
+            zygotes,
         };
         Ok(App {
             fetcher: Fetcher::new(config.fetch_timeout, config.max_function_size),

@@ -7,6 +7,19 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+pub use crate::invoke::Mode;
+
+impl FromStr for Mode {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Mode, ()> {
+        match s {
+            "fork" => Ok(Mode::Fork),
+            "exec" => Ok(Mode::Exec),
+            _ => Err(()),
+        }
+    }
+}
+
 /// Everything the daemon can be told from outside.
 #[derive(Clone)]
 pub struct Config {
@@ -36,6 +49,10 @@ pub struct Config {
     pub mgmt_token: Option<String>,
     /// How long SIGTERM waits for in-flight invocations (`EDGEFAAS_SHUTDOWN_GRACE`).
     pub shutdown_grace: Duration,
+    /// Fork from a warm zygote, or exec a new Python per request (`EDGEFAAS_MODE`).
+    pub mode: Mode,
+    /// How long an unused zygote stays warm (`EDGEFAAS_IDLE_TIMEOUT`).
+    pub idle_timeout: Duration,
 }
 
 impl Default for Config {
@@ -57,6 +74,8 @@ impl Default for Config {
             fetch_timeout: Duration::from_secs(30),
             mgmt_token: None,
             shutdown_grace: Duration::from_secs(10),
+            mode: Mode::Fork,
+            idle_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -120,6 +139,8 @@ impl Config {
             fetch_timeout: seconds(&get, "EDGEFAAS_FETCH_TIMEOUT", d.fetch_timeout)?,
             mgmt_token: token,
             shutdown_grace: seconds(&get, "EDGEFAAS_SHUTDOWN_GRACE", d.shutdown_grace)?,
+            mode: parse(&get, "EDGEFAAS_MODE", d.mode, any)?,
+            idle_timeout: seconds(&get, "EDGEFAAS_IDLE_TIMEOUT", d.idle_timeout)?,
         })
     }
 
@@ -177,9 +198,11 @@ fn expectation(var: &str) -> &'static str {
     match var {
         "EDGEFAAS_BIND" => "an IP address such as 0.0.0.0 or ::",
         "EDGEFAAS_PORT" => "a port number from 0 to 65535",
-        "EDGEFAAS_EXEC_TIMEOUT" | "EDGEFAAS_FETCH_TIMEOUT" | "EDGEFAAS_SHUTDOWN_GRACE" => {
-            "a number of seconds greater than 0"
-        }
+        "EDGEFAAS_MODE" => "fork or exec",
+        "EDGEFAAS_EXEC_TIMEOUT"
+        | "EDGEFAAS_FETCH_TIMEOUT"
+        | "EDGEFAAS_SHUTDOWN_GRACE"
+        | "EDGEFAAS_IDLE_TIMEOUT" => "a number of seconds greater than 0",
         "EDGEFAAS_MAX_BODY" => "a number of bytes",
         _ => "a whole number greater than 0",
     }
@@ -229,6 +252,17 @@ mod tests {
         let c = from(&[("EDGEFAAS_EXEC_TIMEOUT", "0.5"), ("EDGEFAAS_BIND", "::1")]).unwrap();
         assert_eq!(c.exec_timeout, Duration::from_millis(500));
         assert_eq!(c.addr().to_string(), "[::1]:8080");
+    }
+
+    #[test]
+    fn mode_is_fork_or_exec() {
+        assert_eq!(from(&[]).unwrap().mode, Mode::Fork);
+        assert_eq!(from(&[("EDGEFAAS_MODE", "exec")]).unwrap().mode, Mode::Exec);
+        let err = from(&[("EDGEFAAS_MODE", "spawn")]).err().expect("an error");
+        assert_eq!(
+            err.to_string(),
+            "EDGEFAAS_MODE: expected fork or exec, got 'spawn'"
+        );
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! deadline that kills the whole process group, with output capped.
 
 use std::io::{Read, Write};
-use std::path::Path;
-use std::process::{Command, ExitStatus, Stdio};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
@@ -15,6 +16,7 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::process::Processes;
 use crate::store::FunctionName;
+use crate::zygote::{SubmitError, Zygote, Zygotes};
 
 /// Marks the runner's status-and-headers line at the end of stderr.
 const META_MARK: &[u8] = b"\0EDGEFAAS-META ";
@@ -52,67 +54,181 @@ fn ok() -> i64 {
     200
 }
 
+/// How each request gets its fresh process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Forked from a warm per-function zygote (the default).
+    Fork,
+    /// A new interpreter exec'd per request, as OpenFaaS's classic watchdog does.
+    Exec,
+}
+
 /// Starts function processes with fixed limits.
 pub struct Invoker {
     pub python: String,
-    pub runner: std::path::PathBuf,
+    pub runner: PathBuf,
     pub timeout: Duration,
     pub max_output: u64,
+    pub mode: Mode,
     pub procs: Arc<Processes>,
+    pub zygotes: Arc<Zygotes>,
 }
 
-enum Event {
+/// What the pumps, the waiter and a zygote tell an invocation.
+pub enum Event {
     Out(Vec<u8>),
     Err(Vec<u8>),
     OutClosed,
     ErrClosed,
-    Exited,
+    /// Fork mode: the child runs, in process group `pid`.
+    Started(u32),
+    /// The process exited; fork mode knows the status now, exec mode when it reaps.
+    Exited(Option<ExitStatus>),
+    /// Fork mode: the zygote died.
+    Lost,
+}
+
+/// The process running one request.
+enum Running {
+    Exec(Child),
+    Fork {
+        zygote: Arc<Zygote>,
+        id: u64,
+        pid: Option<u32>,
+    },
+}
+
+impl Running {
+    /// Kills the request's whole process group (or a zygote that never started it).
+    fn kill(&self, procs: &Processes) {
+        match self {
+            Running::Exec(child) => procs.kill(child.id()),
+            Running::Fork { pid: Some(pid), .. } => procs.kill(*pid),
+            Running::Fork {
+                zygote, pid: None, ..
+            } => zygote.abort(),
+        }
+    }
 }
 
 impl Invoker {
     /// Runs the function once, in a fresh process, and returns its reply.
     pub fn invoke(&self, call: Call<'_>) -> Result<Reply> {
-        let dir = call.handler.parent().unwrap_or(Path::new("/"));
+        let body = Arc::new(call.body.clone());
+        // A zygote that died before starting the request is replaced, and the request retried once.
+        for _ in 0..2 {
+            if let Some(reply) = self.attempt(&call, body.clone())? {
+                return Ok(reply);
+            }
+            self.zygotes.retire(call.name);
+        }
+        Err(Error::Failed {
+            name: call.name.to_string(),
+            reason: "its zygote exited before starting it, twice".into(),
+        })
+    }
+
+    /// The interpreter command for `args`, with the daemon's environment minus its secrets.
+    pub fn python_command(&self, handler: &Path, zygote: bool) -> Command {
         let mut cmd = Command::new(&self.python);
-        cmd.arg(&self.runner)
-            .arg(call.handler)
-            .current_dir(dir)
+        cmd.arg(&self.runner);
+        if zygote {
+            cmd.arg("--zygote");
+        }
+        cmd.arg(handler)
+            .current_dir(handler.parent().unwrap_or(Path::new("/")))
             .env_remove("EDGEFAAS_MGMT_TOKEN")
-            .env("PYTHONDONTWRITEBYTECODE", "1")
-            .envs(call.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = self.procs.spawn(&mut cmd).map_err(|e| Error::Failed {
+            .env("PYTHONDONTWRITEBYTECODE", "1");
+        cmd
+    }
+
+    /// Forgets the warm state of `name` after it was updated or deleted.
+    pub fn forget(&self, name: &FunctionName) {
+        self.zygotes.retire(name);
+    }
+
+    /// Starts the process for one request, feeding and draining it through `tx`.
+    /// `None`: the zygote is gone and a new one should be tried.
+    fn start(
+        &self,
+        call: &Call<'_>,
+        body: Arc<Vec<u8>>,
+        tx: &Sender<Event>,
+    ) -> Result<Option<Running>> {
+        let cannot = |e: std::io::Error| Error::Failed {
             name: call.name.to_string(),
             reason: format!("cannot start {}: {e}", self.python),
-        })?;
-        let pid = child.id();
-        let (tx, rx) = mpsc::channel();
-        let (stdin, stdout, stderr) =
-            (child.stdin.take(), child.stdout.take(), child.stderr.take());
-        if let Some(mut stdin) = stdin {
-            let body = call.body;
-            // A handler that never reads stdin gets EPIPE here; that is its business.
-            spawn_io(move || drop(stdin.write_all(&body)));
-        }
-        if let Some(out) = stdout {
-            pump(out, tx.clone(), Event::Out, Event::OutClosed);
-        }
-        if let Some(err) = stderr {
-            pump(err, tx.clone(), Event::Err, Event::ErrClosed);
-        }
-        spawn_io(move || {
-            if let Err(e) = crate::sys::wait_exited_unreaped(pid) {
-                warn!("waiting for process {pid}: {e}");
+        };
+        match self.mode {
+            Mode::Exec => {
+                let mut cmd = self.python_command(call.handler, false);
+                cmd.envs(call.env.iter().map(|(k, v)| (k, v)))
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+                let mut child = self.procs.spawn(&mut cmd).map_err(cannot)?;
+                if let Some(stdin) = child.stdin.take() {
+                    feed(stdin, body);
+                }
+                if let Some(out) = child.stdout.take() {
+                    pump(out, tx.clone(), Event::Out, Event::OutClosed);
+                }
+                if let Some(err) = child.stderr.take() {
+                    pump(err, tx.clone(), Event::Err, Event::ErrClosed);
+                }
+                let (pid, tx) = (child.id(), tx.clone());
+                spawn_io(move || {
+                    if let Err(e) = crate::sys::wait_exited_unreaped(pid) {
+                        warn!("waiting for process {pid}: {e}");
+                    }
+                    let _ = tx.send(Event::Exited(None));
+                });
+                Ok(Some(Running::Exec(child)))
             }
-            let _ = tx.send(Event::Exited);
-        });
+            Mode::Fork => {
+                let zygote = self
+                    .zygotes
+                    .get(call.name, || self.python_command(call.handler, true))
+                    .map_err(cannot)?;
+                let (in_r, in_w) = std::io::pipe().map_err(cannot)?;
+                let (out_r, out_w) = std::io::pipe().map_err(cannot)?;
+                let (err_r, err_w) = std::io::pipe().map_err(cannot)?;
+                let id = match zygote.submit(
+                    &call.env,
+                    [in_r.as_fd(), out_w.as_fd(), err_w.as_fd()],
+                    tx.clone(),
+                ) {
+                    Ok(id) => id,
+                    Err(SubmitError::Lost) => return Ok(None),
+                    Err(SubmitError::Io(e)) => return Err(cannot(e)),
+                };
+                // The child holds its ends now; ours must close so EOF can arrive.
+                drop((in_r, out_w, err_w));
+                feed(in_w, body);
+                pump(out_r, tx.clone(), Event::Out, Event::OutClosed);
+                pump(err_r, tx.clone(), Event::Err, Event::ErrClosed);
+                Ok(Some(Running::Fork {
+                    zygote,
+                    id,
+                    pid: None,
+                }))
+            }
+        }
+    }
 
+    /// One try at running the request; `None` when its zygote died before starting it.
+    fn attempt(&self, call: &Call<'_>, body: Arc<Vec<u8>>) -> Result<Option<Reply>> {
+        let (tx, rx) = mpsc::channel();
+        let Some(mut running) = self.start(call, body, &tx)? else {
+            return Ok(None);
+        };
+        drop(tx);
         let deadline = Instant::now() + self.timeout;
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let (mut exited, mut out_open, mut err_open) = (false, true, true);
+        let mut status: Option<ExitStatus> = None;
         let mut failure: Option<Error> = None;
+        let mut lost = false;
         while !exited || out_open || err_open {
             let limit = if exited {
                 Instant::now() + DRAIN_WAIT
@@ -121,15 +237,16 @@ impl Invoker {
             };
             let event = match rx.recv_timeout(limit.saturating_duration_since(Instant::now())) {
                 Ok(event) => event,
-                Err(RecvTimeoutError::Timeout) if !exited => {
-                    failure.get_or_insert(Error::Timeout {
+                Err(RecvTimeoutError::Timeout) if !exited && failure.is_none() => {
+                    failure = Some(Error::Timeout {
                         name: call.name.to_string(),
                         secs: self.timeout.as_secs_f64(),
                     });
-                    self.procs.kill(pid);
+                    running.kill(&self.procs);
                     continue;
                 }
-                // Pipes held open by a process that left the group: the sweeper kills it.
+                // Pipes held open by a process that left the group (the sweeper kills
+                // it), or a killed request whose zygote does not answer: stop waiting.
                 Err(_) => break,
             };
             match event {
@@ -143,7 +260,7 @@ impl Invoker {
                                 self.max_output
                             ),
                         });
-                        self.procs.kill(pid);
+                        running.kill(&self.procs);
                     }
                     if failure.is_some() {
                         out.clear();
@@ -157,26 +274,60 @@ impl Invoker {
                 }
                 Event::OutClosed => out_open = false,
                 Event::ErrClosed => err_open = false,
-                Event::Exited => {
+                Event::Started(pid) => {
+                    if let Running::Fork { pid: slot, .. } = &mut running {
+                        *slot = Some(pid);
+                    }
+                    // Killed while it was being forked: kill the child now that it has a group.
+                    if failure.is_some() {
+                        running.kill(&self.procs);
+                    }
+                }
+                Event::Exited(s) => {
                     exited = true;
-                    // Anything the handler left running dies with it.
-                    self.procs.kill(pid);
+                    status = s;
+                    if let Running::Exec(child) = &running {
+                        // Anything the handler left running dies with it (the zygote does this itself).
+                        self.procs.kill(child.id());
+                    }
+                }
+                Event::Lost => {
+                    exited = true;
+                    lost = true;
                 }
             }
         }
-        let status = self.procs.finish(child)?;
+        let status = match running {
+            Running::Exec(child) => Some(self.procs.finish(child)?),
+            Running::Fork { zygote, id, pid } => {
+                zygote.forget(id);
+                match pid {
+                    Some(pid) => zygote.finished(pid),
+                    // Never started: safe to run again in a new zygote.
+                    None if lost && failure.is_none() => return Ok(None),
+                    None => {}
+                }
+                status
+            }
+        };
         let (meta, log) = split_meta(&err);
-        log_stderr(call.name, &status, log);
+        if let Some(status) = &status {
+            log_stderr(call.name, status, log);
+        }
         if let Some(failure) = failure {
             return Err(failure);
         }
-        if !status.success() {
-            return Err(Error::Failed {
+        match status {
+            Some(s) if s.success() => reply(call.name, meta, out).map(Some),
+            Some(s) => Err(Error::Failed {
                 name: call.name.to_string(),
-                reason: exit_reason(&status, log),
-            });
+                reason: exit_reason(&s, log),
+            }),
+            None => Err(Error::Failed {
+                name: call.name.to_string(),
+                reason: "its zygote exited while it ran".into(),
+            }),
         }
-        reply(call.name, meta, out)
     }
 }
 
@@ -270,6 +421,12 @@ fn pump<R: Read + Send + 'static>(
         }
         let _ = tx.send(closed);
     });
+}
+
+/// Writes the request body to the child's stdin, then closes it.
+fn feed<W: Write + Send + 'static>(mut stdin: W, body: Arc<Vec<u8>>) {
+    // A handler that never reads stdin gets EPIPE here; that is its business.
+    spawn_io(move || drop(stdin.write_all(&body)));
 }
 
 /// Starts a small helper thread for one invocation's I/O.

@@ -15,6 +15,7 @@ mod router;
 mod server;
 mod store;
 mod sys;
+mod zygote;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -41,6 +42,7 @@ Configured by environment variables (defaults in brackets):
   EDGEFAAS_MAX_BODY [1048576]      EDGEFAAS_MAX_OUTPUT [4194304]
   EDGEFAAS_MAX_FUNCTION_SIZE [262144]                           (bytes)
   EDGEFAAS_MGMT_TOKEN [unset: /mgmt is open]
+  EDGEFAAS_MODE [fork] (fork | exec)  EDGEFAAS_IDLE_TIMEOUT [300] (seconds)
   RUST_LOG [info]
 ";
 
@@ -123,6 +125,7 @@ fn drain(app: &App) {
             app.inflight.current()
         );
         app.procs.kill_all();
+        app.invoker.zygotes.kill_all();
         let deadline = Instant::now() + Duration::from_secs(2);
         while app.inflight.current() > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));

@@ -41,7 +41,8 @@ pub fn handle(app: &App, req: &mut Request, rest: &str) -> Result<Answer> {
                 app.config.max_function_size,
                 "EDGEFAAS_MAX_FUNCTION_SIZE",
             )?;
-            installed(&name, app.store.install(&name, &source, "upload")?)
+            let outcome = app.store.install(&name, &source, "upload")?;
+            installed(app, &name, outcome)
         }
         (path, Method::Delete) => delete(app, path_name(path)),
         (_, _) => Err(Error::Method("PUT, DELETE")),
@@ -86,13 +87,13 @@ fn install_from_url(app: &App, text: &str) -> Result<Answer> {
         return Err(Error::Protected);
     }
     let bytes = app.fetcher.fetch(&source)?;
-    installed(
-        &source.name,
-        app.store.install(&source.name, &bytes, &source.url)?,
-    )
+    let outcome = app.store.install(&source.name, &bytes, &source.url)?;
+    installed(app, &source.name, outcome)
 }
 
-fn installed(name: &FunctionName, outcome: Installed) -> Result<Answer> {
+/// The answer to an install; the old code is never served once it is sent.
+fn installed(app: &App, name: &FunctionName, outcome: Installed) -> Result<Answer> {
+    app.invoker.forget(name);
     Ok(match outcome {
         Installed::Created => Answer::text(201, format!("{name}.py has been created")),
         Installed::Updated => Answer::text(200, format!("{name}.py has been updated")),
@@ -102,5 +103,6 @@ fn installed(name: &FunctionName, outcome: Installed) -> Result<Answer> {
 fn delete(app: &App, name: &str) -> Result<Answer> {
     let name = FunctionName::parse(name)?;
     app.store.delete(&name)?;
+    app.invoker.forget(&name);
     Ok(Answer::text(200, format!("{name} has been deleted")))
 }

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{Daemon, alive, children, eventually};
+use crate::support::{Daemon, alive, eventually};
 
 #[test]
 fn echo_answers_the_body_with_a_newline_and_a_duration_header() {
@@ -180,10 +180,9 @@ fn timeout_answers_504_and_kills_the_grandchildren() {
         "grandchild {sleeper} survived"
     );
     assert!(
-        eventually(Duration::from_secs(5), || children(d.pid())
-            == (vec![], vec![])),
+        eventually(Duration::from_secs(5), || d.strays().is_empty()),
         "{:?}",
-        children(d.pid())
+        d.strays()
     );
 }
 
@@ -228,10 +227,9 @@ fn a_child_that_escapes_its_group_is_swept_and_nothing_is_left_as_zombie() {
         assert_eq!(d.req("POST", "/echo", b"x").status, 200);
     }
     assert!(
-        eventually(Duration::from_secs(10), || children(d.pid())
-            == (vec![], vec![])),
+        eventually(Duration::from_secs(10), || d.strays().is_empty()),
         "{:?}",
-        children(d.pid())
+        d.strays()
     );
 }
 
@@ -274,24 +272,25 @@ fn output_over_the_cap_is_500_and_the_writer_is_killed() {
             "function 'flood' failed: output exceeded EDGEFAAS_MAX_OUTPUT (100000 bytes)\n"
         )
     );
-    assert!(eventually(Duration::from_secs(5), || children(d.pid())
-        == (vec![], vec![])));
+    assert!(
+        eventually(Duration::from_secs(5), || d.strays().is_empty()),
+        "{:?}",
+        d.strays()
+    );
 }
 
 #[test]
 fn too_many_in_flight_is_429_at_once_not_a_hang() {
     let d = Daemon::start(&[("EDGEFAAS_WORKERS", "4"), ("EDGEFAAS_MAX_INFLIGHT", "1")]);
+    let marker = d.scratch("slow.started");
     d.upload(
         "slow",
-        "import time\ndef handle(req):\n    time.sleep(2)\n    return 'done'\n",
+        &format!("import time\ndef handle(req):\n    open({:?}, 'w').write('1')\n    time.sleep(2)\n    return 'done'\n", marker.to_str().unwrap()),
     );
     let port = d.port;
     let slow = std::thread::spawn(move || crate::support::request(port, "POST", "/slow", b""));
-    // Once the slow one runs (its Python is a child of the daemon), it holds the only slot.
-    assert!(eventually(Duration::from_secs(5), || children(d.pid())
-        .0
-        .len()
-        == 1));
+    // Once the slow one runs, it holds the only slot.
+    d.wait_for_marker(&marker);
     let started = Instant::now();
     let r = d.req("POST", "/echo", b"x");
     assert_eq!(
@@ -319,9 +318,8 @@ fn no_zombies_after_many_invocations() {
         );
     }
     assert!(
-        eventually(Duration::from_secs(5), || children(d.pid())
-            == (vec![], vec![])),
+        eventually(Duration::from_secs(5), || d.strays().is_empty()),
         "{:?}",
-        children(d.pid())
+        d.strays()
     );
 }

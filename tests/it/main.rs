@@ -1,9 +1,13 @@
 //! Integration tests: the real `edgefaas` binary, driven over HTTP on loopback.
 //! Set EDGEFAAS_BIN (and EDGEFAAS_BIN_RUNNER, e.g. qemu-arm-static) to test another build.
 
+/// The invocation mode every daemon in this test binary runs in.
+pub const MODE: &str = "fork";
+
 mod support;
 
 mod invoke;
 mod lifecycle;
 mod mgmt;
 mod transcript;
+mod zygote;

@@ -143,6 +143,7 @@ impl Daemon {
             .env("EDGEFAAS_FUNCTIONS_DIR", &self.dir)
             .env("EDGEFAAS_PYTHON", python())
             .env("RUST_LOG", "debug")
+            .env("EDGEFAAS_MODE", crate::MODE)
             // Loopback only: no proxy may carry the test's downloads elsewhere.
             .env_remove("HTTP_PROXY")
             .env_remove("http_proxy")
@@ -272,6 +273,72 @@ impl Drop for Daemon {
             eprintln!("---- edgefaas log ----\n{}\n----", self.log());
         }
     }
+}
+
+impl Daemon {
+    /// Descendants of the daemon that should not exist: anything but an idle
+    /// zygote, and any zombie. Empty when every invocation cleaned up after itself.
+    pub fn strays(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut stack = vec![self.pid()];
+        while let Some(parent) = stack.pop() {
+            let (live, zombies) = children(parent);
+            out.extend(zombies.iter().map(|z| format!("zombie {z}")));
+            for pid in live {
+                stack.push(pid);
+                let zygote = cmdline(pid).iter().any(|a| a == "--zygote") && parent == self.pid();
+                if !zygote {
+                    out.push(format!("{pid} {:?}", cmdline(pid)));
+                }
+            }
+        }
+        out
+    }
+
+    /// The daemon's zygotes: function name -> pid.
+    pub fn zygotes(&self) -> std::collections::BTreeMap<String, u32> {
+        children(self.pid())
+            .0
+            .into_iter()
+            .filter_map(|pid| {
+                let args = cmdline(pid);
+                let at = args.iter().position(|a| a == "--zygote")?;
+                let handler = Path::new(args.get(at + 1)?);
+                let name = handler.parent()?.file_name()?.to_str()?.to_string();
+                Some((name, pid))
+            })
+            .collect()
+    }
+
+    /// Waits until the handler that writes `marker` (a file in the scratch dir) has started.
+    pub fn wait_for_marker(&self, marker: &Path) -> String {
+        assert!(
+            eventually(Duration::from_secs(10), || marker.exists()),
+            "{} never appeared",
+            marker.display()
+        );
+        assert!(eventually(Duration::from_secs(2), || {
+            std::fs::read_to_string(marker).is_ok_and(|t| !t.is_empty())
+        }));
+        std::fs::read_to_string(marker).unwrap()
+    }
+
+    /// A path in the scratch dir, outside the functions dir.
+    pub fn scratch(&self, file: &str) -> PathBuf {
+        self.dir.parent().unwrap().join(file)
+    }
+}
+
+/// A process's argv.
+pub fn cmdline(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|&c| c == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Pids of the live (non-zombie) processes whose parent is `ppid`, and the zombies.
