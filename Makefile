@@ -22,12 +22,15 @@ comma := ,
 empty :=
 space := $(empty) $(empty)
 
-.PHONY: run test lint build image push test-arm
+.PHONY: run test lint build image push test-arm bench
 run:
 	EDGEFAAS_PYTHON=$(PYTHON) cargo run --release
 
 test:
 	cargo test
+
+bench:
+	EDGEFAAS_PYTHON=$(PYTHON) cargo bench --bench bench
 
 lint:
 	cargo fmt --check
@@ -51,4 +54,4 @@ push:
 test-arm:
 	scripts/build arm
 	EDGEFAAS_BIN=$(CURDIR)/target/armv7-unknown-linux-musleabihf/release/edgefaas \
-	  EDGEFAAS_BIN_RUNNER=qemu-arm-static cargo test --test it
+	  EDGEFAAS_BIN_RUNNER=qemu-arm-static cargo test --test it --test it_exec

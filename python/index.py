@@ -12,14 +12,12 @@ stderr line, NUL "EDGEFAAS-META " JSON, which the daemon strips.
 Works on Python 3.7 and later.
 """
 import importlib.util
-import json
+import gc
 import os
-import random
 import select
 import signal
 import socket
 import sys
-import traceback
 
 META_MARK = "\0EDGEFAAS-META "
 RESPONSE_KEYS = {"statusCode", "body", "headers"}
@@ -51,7 +49,23 @@ def encode_body(body):
         return body
     if isinstance(body, str):
         return body.encode("utf-8", "surrogateescape")
+    import json  # only here: it costs a warm zygote over a megabyte to hold
+
     return json.dumps(body).encode("utf-8")
+
+
+def json_string(text):
+    """A JSON string literal (the runner avoids importing json for its own messages)."""
+    out = ['"']
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch < " " or "\ud800" <= ch <= "\udfff":
+            out.append("\\u%04x" % ord(ch))
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
 
 
 def emit(result, out, err):
@@ -60,9 +74,14 @@ def emit(result, out, err):
         out.flush()
         out.buffer.write(encode_body(result.get("body")))
         out.buffer.flush()
-        headers = [[str(k), str(v)] for k, v in (result.get("headers") or {}).items()]
-        meta = {"statusCode": result.get("statusCode", 200), "headers": headers}
-        err.write("\n" + META_MARK + json.dumps(meta) + "\n")
+        status = result.get("statusCode", 200)
+        if not isinstance(status, int) or isinstance(status, bool):
+            status = -1  # the daemon answers 500 naming it
+        headers = ",".join(
+            "[%s,%s]" % (json_string(str(k)), json_string(str(v)))
+            for k, v in (result.get("headers") or {}).items()
+        )
+        err.write('\n%s{"statusCode":%d,"headers":[%s]}\n' % (META_MARK, status, headers))
         err.flush()
     elif result is not None:
         print(result, file=out)
@@ -92,7 +111,8 @@ def serve_child(fds, env, module, import_error, own_fds):
             if fd > 2:
                 os.close(fd)
         os.environ.update(env)
-        random.seed()
+        if "random" in sys.modules:
+            sys.modules["random"].seed()  # else every child would draw the zygote's numbers
         if import_error is not None:
             sys.stderr.write(import_error)
         else:
@@ -102,6 +122,8 @@ def serve_child(fds, env, module, import_error, own_fds):
     except SystemExit as exc:
         code = exit_code(exc)
     except BaseException:
+        import traceback
+
         traceback.print_exc()
     finally:
         for stream in (sys.stdout, sys.stderr):
@@ -116,16 +138,21 @@ def zygote(path):
     """Fork mode: import the handler once, then fork a child per request.
 
     fd 0 is a SOCK_SEQPACKET socket to the daemon. Each request is one message,
-    JSON {"id": n, "env": [[k, v], ...]}, carrying three fds (the child's stdin,
-    stdout, stderr). For each we answer {"id": n, "pid": p} once the child runs
-    in its own process group, and {"id": n, "status": s} (a wait status) once it
-    has exited and its group has been killed. EOF on the socket ends the zygote.
+    b"<id>\\0<key>\\0<value>\\0..." (its Http_* environment), carrying three fds
+    (the child's stdin, stdout, stderr). For each we answer b"pid <id> <pid>"
+    once the child runs in its own process group, and b"exit <id> <status>"
+    (a wait status) once it has exited and its group has been killed.
+    EOF on the socket ends the zygote.
     """
     ctl = socket.socket(fileno=0)
     try:
         module, import_error = load(path), None
     except BaseException:
+        import traceback
+
         module, import_error = None, traceback.format_exc()
+    # Objects that survive to here are shared with every child; keep the collector off them.
+    gc.freeze()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
@@ -134,8 +161,8 @@ def zygote(path):
     own_fds = [wake_r, wake_w]
     running = {}
 
-    def send(message):
-        ctl.send(json.dumps(message).encode())
+    def send(kind, request, number):
+        ctl.send(b"%s %d %d" % (kind, request, number))
 
     def reap():
         while True:
@@ -153,7 +180,7 @@ def zygote(path):
             _, status = os.waitpid(pid, 0)
             request = running.pop(pid, None)
             if request is not None:
-                send({"id": request, "status": status})
+                send(b"exit", request, status)
 
     open_ctl = True
     while open_ctl or running:
@@ -181,20 +208,22 @@ def zygote(path):
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.extend(int.from_bytes(payload[i:i + 4], sys.byteorder) for i in range(0, len(payload) - 3, 4))
-        request = json.loads(data)
+        fields = data.split(b"\0")
+        request = int(fields[0])
+        env = {k.decode("utf-8", "surrogateescape"): v.decode("utf-8", "surrogateescape") for k, v in zip(fields[1::2], fields[2::2])}
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            serve_child(fds, dict(request["env"]), module, import_error, own_fds)
+            serve_child(fds, env, module, import_error, own_fds)
         try:
             os.setpgid(pid, pid)  # also done in the child: whichever runs first wins
         except OSError:
             pass
         for fd in fds:
             os.close(fd)
-        running[pid] = request["id"]
-        send({"id": request["id"], "pid": pid})
+        running[pid] = request
+        send(b"pid", request, pid)
     return 0
 
 

@@ -22,6 +22,8 @@ use crate::zygote::{SubmitError, Zygote, Zygotes};
 const META_MARK: &[u8] = b"\0EDGEFAAS-META ";
 /// How much of stderr is kept (the tail: the exception is at the end).
 const STDERR_KEEP: usize = 64 * 1024;
+/// Bodies up to this size fit an empty pipe (one page, even at the lowest pipe quota).
+const SMALL_BODY: usize = 4096;
 /// How long to wait for pipes to close once the group is dead.
 const DRAIN_WAIT: Duration = Duration::from_secs(1);
 
@@ -350,7 +352,7 @@ fn reply(name: &FunctionName, meta: Option<&[u8]>, body: Vec<u8>) -> Result<Repl
         .ok()
         .filter(|s| (100..=599).contains(s));
     let status =
-        status.ok_or_else(|| bad(format!("statusCode {} is not an HTTP status", meta.status)))?;
+        status.ok_or_else(|| bad("statusCode must be an integer from 100 to 599".into()))?;
     Ok(Reply {
         status,
         headers: meta.headers,
@@ -426,7 +428,12 @@ fn pump<R: Read + Send + 'static>(
 /// Writes the request body to the child's stdin, then closes it.
 fn feed<W: Write + Send + 'static>(mut stdin: W, body: Arc<Vec<u8>>) {
     // A handler that never reads stdin gets EPIPE here; that is its business.
-    spawn_io(move || drop(stdin.write_all(&body)));
+    if body.len() <= SMALL_BODY {
+        // An empty pipe holds at least one page, so this cannot block: no thread needed.
+        let _ = stdin.write_all(&body);
+    } else {
+        spawn_io(move || drop(stdin.write_all(&body)));
+    }
 }
 
 /// Starts a small helper thread for one invocation's I/O.

@@ -177,6 +177,8 @@ fn http_env(req: &Request, target: &Target<'_>, body_len: usize) -> Vec<(String,
     env.push(("Http_Path".into(), target.rest.to_string()));
     env.push(("Http_Query".into(), target.query.to_string()));
     env.push(("Http_ContentLength".into(), body_len.to_string()));
+    // An environment cannot hold NUL; such a value could only come from a hostile request.
+    env.retain(|(k, v)| !k.contains('\0') && !v.contains('\0'));
     env
 }
 

@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
-use serde::{Deserialize, Serialize};
 
 use crate::invoke::Event;
 use crate::process::Processes;
@@ -50,17 +49,42 @@ struct Shared {
     running: Mutex<HashSet<u32>>,
 }
 
-#[derive(Serialize)]
-struct Request<'a> {
-    id: u64,
-    env: &'a [(String, String)],
+/// A message from the zygote: `pid <id> <pid>` or `exit <id> <wait status>`.
+#[derive(Debug, PartialEq, Eq)]
+enum Notice {
+    Started { id: u64, pid: u32 },
+    Exited { id: u64, status: i32 },
 }
 
-#[derive(Deserialize)]
-struct Notice {
-    id: u64,
-    pid: Option<u32>,
-    status: Option<i32>,
+impl Notice {
+    fn parse(msg: &[u8]) -> Option<Notice> {
+        let text = std::str::from_utf8(msg).ok()?;
+        let mut parts = text.split(' ');
+        let (kind, id, n) = (parts.next()?, parts.next()?.parse().ok()?, parts.next()?);
+        match kind {
+            "pid" => Some(Notice::Started {
+                id,
+                pid: n.parse().ok()?,
+            }),
+            "exit" => Some(Notice::Exited {
+                id,
+                status: n.parse().ok()?,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// A request for the zygote: `<id>\0<key>\0<value>\0...` (keys and values hold no NUL).
+fn encode_request(id: u64, env: &[(String, String)]) -> Vec<u8> {
+    let mut msg = id.to_string().into_bytes();
+    for (k, v) in env {
+        for part in [k, v] {
+            msg.push(0);
+            msg.extend_from_slice(part.as_bytes());
+        }
+    }
+    msg
 }
 
 /// Why a request could not be handed to a zygote.
@@ -216,8 +240,7 @@ impl Zygote {
             return Err(SubmitError::Lost);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let message =
-            serde_json::to_vec(&Request { id, env }).map_err(|e| SubmitError::Io(e.into()))?;
+        let message = encode_request(id, env);
         self.shared
             .pending
             .lock()
@@ -289,30 +312,29 @@ fn listen(mut sock: UnixStream, shared: &Shared) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        let Ok(notice) = serde_json::from_slice::<Notice>(&buf[..n]) else {
+        let Some(notice) = Notice::parse(&buf[..n]) else {
             warn!(
                 "zygote sent a message that is not a notice: {:?}",
                 String::from_utf8_lossy(&buf[..n])
             );
             continue;
         };
-        let event = match (notice.pid, notice.status) {
-            (Some(pid), _) => {
+        let (id, event) = match notice {
+            Notice::Started { id, pid } => {
                 shared
                     .running
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(pid);
-                Event::Started(pid)
+                (id, Event::Started(pid))
             }
-            (None, Some(status)) => {
+            Notice::Exited { id, status } => {
                 use std::os::unix::process::ExitStatusExt;
-                Event::Exited(Some(ExitStatus::from_raw(status)))
+                (id, Event::Exited(Some(ExitStatus::from_raw(status))))
             }
-            (None, None) => continue,
         };
         let pending = shared.pending.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(tx) = pending.get(&notice.id) {
+        if let Some(tx) = pending.get(&id) {
             let _ = tx.send(event);
         }
     }
@@ -325,5 +347,37 @@ fn listen(mut sock: UnixStream, shared: &Shared) {
         .drain()
     {
         let _ = tx.send(Event::Lost);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notices_parse_and_junk_is_refused() {
+        assert_eq!(
+            Notice::parse(b"pid 3 4242"),
+            Some(Notice::Started { id: 3, pid: 4242 })
+        );
+        assert_eq!(
+            Notice::parse(b"exit 3 256"),
+            Some(Notice::Exited { id: 3, status: 256 })
+        );
+        for junk in [&b"pid 3"[..], b"exit x 1", b"boom 1 2", b"", b"\xff"] {
+            assert_eq!(Notice::parse(junk), None);
+        }
+    }
+
+    #[test]
+    fn requests_are_nul_separated() {
+        let env = vec![
+            ("Http_Method".to_string(), "GET".to_string()),
+            ("Http_Path".to_string(), "/".to_string()),
+        ];
+        assert_eq!(
+            encode_request(7, &env),
+            b"7\0Http_Method\0GET\0Http_Path\0/"
+        );
     }
 }

@@ -46,6 +46,41 @@ fn dict_return_sets_status_headers_and_body() {
 }
 
 #[test]
+fn dict_bodies_of_bytes_and_json_and_bad_status_codes() {
+    let d = Daemon::start(&[]);
+    d.upload(
+        "raw",
+        "def handle(req):\n    return {'body': b'\\x00\\xff', 'headers': {'X-A': 'b'}}\n",
+    );
+    let r = d.req("POST", "/raw", b"");
+    assert_eq!(
+        (r.status, r.body.as_slice(), r.header("x-a")),
+        (200, &b"\x00\xff"[..], Some("b"))
+    );
+    d.upload(
+        "list",
+        "def handle(req):\n    return {'statusCode': 202, 'body': [1, 'two']}\n",
+    );
+    let r = d.req("POST", "/list", b"");
+    assert_eq!((r.status, r.text().as_str()), (202, "[1, \"two\"]"));
+    for bad in ["'teapot'", "999", "True"] {
+        d.upload(
+            "bad",
+            &format!("def handle(req):\n    return {{'statusCode': {bad}}}\n"),
+        );
+        let r = d.req("POST", "/bad", b"");
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (
+                500,
+                "function 'bad' failed: statusCode must be an integer from 100 to 599\n"
+            ),
+            "{bad}"
+        );
+    }
+}
+
+#[test]
 fn printed_output_comes_before_the_return_value_and_none_prints_nothing() {
     let d = Daemon::start(&[]);
     d.upload(
