@@ -6,11 +6,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::config::Config;
+use crate::error::Result;
 use crate::fetch::Fetcher;
 use crate::invoke::Invoker;
-use crate::metrics::InFlight;
+use crate::metrics::{Gauges, InFlight, Metrics, Origin};
 use crate::process::Processes;
-use crate::store::Store;
+use crate::store::{FunctionName, Installed, Store};
 use crate::zygote::Zygotes;
 
 /// Everything a request handler may use.
@@ -21,6 +22,7 @@ pub struct App {
     pub invoker: Invoker,
     pub procs: Arc<Processes>,
     pub inflight: InFlight,
+    pub metrics: Metrics,
     draining: AtomicBool,
 }
 
@@ -46,6 +48,7 @@ impl App {
         Ok(App {
             fetcher: Fetcher::new(config.fetch_timeout, config.max_function_size),
             inflight: InFlight::new(config.max_inflight),
+            metrics: Metrics::default(),
             draining: AtomicBool::new(false),
             store,
             invoker,
@@ -57,6 +60,37 @@ impl App {
     /// True once shutdown has begun: new work is refused with 503.
     pub fn draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Installs a function; once this returns, no request is served the old code.
+    pub fn install(
+        &self,
+        name: &FunctionName,
+        source: &[u8],
+        origin: &str,
+        kind: Origin,
+    ) -> Result<Installed> {
+        let outcome = self.store.install(name, source, origin)?;
+        self.invoker.forget(name);
+        self.metrics.installed(kind);
+        Ok(outcome)
+    }
+
+    /// Deletes a function and stops its zygote.
+    pub fn delete(&self, name: &FunctionName) -> Result<()> {
+        self.store.delete(name)?;
+        self.invoker.forget(name);
+        self.metrics.deleted();
+        Ok(())
+    }
+
+    /// The metrics page.
+    pub fn render_metrics(&self) -> String {
+        self.metrics.render(&Gauges {
+            inflight: self.inflight.current(),
+            max_inflight: self.config.max_inflight,
+            zygotes: self.invoker.zygotes.count(),
+        })
     }
 
     /// Starts refusing new work.

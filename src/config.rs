@@ -53,6 +53,10 @@ pub struct Config {
     pub mode: Mode,
     /// How long an unused zygote stays warm (`EDGEFAAS_IDLE_TIMEOUT`).
     pub idle_timeout: Duration,
+    /// A read-only folder of `name.py` files kept in sync, e.g. a ConfigMap (`EDGEFAAS_SOURCE_DIR`).
+    pub source_dir: Option<PathBuf>,
+    /// How often the source dir is checked (`EDGEFAAS_SOURCE_INTERVAL`).
+    pub source_interval: Duration,
 }
 
 impl Default for Config {
@@ -76,6 +80,8 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(10),
             mode: Mode::Fork,
             idle_timeout: Duration::from_secs(300),
+            source_dir: None,
+            source_interval: Duration::from_secs(10),
         }
     }
 }
@@ -141,6 +147,10 @@ impl Config {
             shutdown_grace: seconds(&get, "EDGEFAAS_SHUTDOWN_GRACE", d.shutdown_grace)?,
             mode: parse(&get, "EDGEFAAS_MODE", d.mode, any)?,
             idle_timeout: seconds(&get, "EDGEFAAS_IDLE_TIMEOUT", d.idle_timeout)?,
+            source_dir: get("EDGEFAAS_SOURCE_DIR")
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from),
+            source_interval: seconds(&get, "EDGEFAAS_SOURCE_INTERVAL", d.source_interval)?,
         })
     }
 

@@ -17,6 +17,8 @@ pub enum Error {
     Method(&'static str),
     /// `echo` cannot be written or deleted.
     Protected,
+    /// The function is kept in sync from EDGEFAAS_SOURCE_DIR; /mgmt may not change it.
+    Managed(String),
     /// `/mgmt` without the right bearer token.
     Unauthorized,
     /// A malformed install request: bad URL, missing file name, bad pin.
@@ -52,6 +54,7 @@ impl Error {
             Error::Protected => 403,
             Error::NotFound(_) | Error::NoRoute(_) => 404,
             Error::Method(_) => 405,
+            Error::Managed(_) => 409,
             Error::TooLarge(_) => 413,
             Error::Busy => 429,
             Error::Failed { .. } | Error::Io(_) => 500,
@@ -72,6 +75,10 @@ impl fmt::Display for Error {
             Error::Method(allowed) => write!(f, "method not allowed here; use {allowed}"),
             Error::Protected => write!(f, "echo is the default function and cannot be changed"),
             Error::Unauthorized => write!(f, "missing or wrong bearer token for /mgmt"),
+            Error::Managed(name) => write!(
+                f,
+                "function '{name}' comes from EDGEFAAS_SOURCE_DIR; change it there"
+            ),
             Error::BadRequest(why) => write!(f, "{why}"),
             Error::HashMismatch { expected, actual } => {
                 write!(

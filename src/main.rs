@@ -13,6 +13,7 @@ mod mgmt;
 mod process;
 mod router;
 mod server;
+mod sourcedir;
 mod store;
 mod sys;
 mod zygote;
@@ -43,6 +44,7 @@ Configured by environment variables (defaults in brackets):
   EDGEFAAS_MAX_FUNCTION_SIZE [262144]                           (bytes)
   EDGEFAAS_MGMT_TOKEN [unset: /mgmt is open]
   EDGEFAAS_MODE [fork] (fork | exec)  EDGEFAAS_IDLE_TIMEOUT [300] (seconds)
+  EDGEFAAS_SOURCE_DIR [unset]      EDGEFAAS_SOURCE_INTERVAL [10] (seconds)
   RUST_LOG [info]
 ";
 
@@ -84,6 +86,18 @@ fn run() -> Result<(), String> {
     let app = Arc::new(app);
     if app.config.mgmt_token.is_none() {
         warn!("EDGEFAAS_MGMT_TOKEN is not set: anyone who reaches the port can install functions");
+    }
+    if let Some(dir) = app.config.source_dir.clone() {
+        if !dir.is_dir() {
+            return Err(format!(
+                "EDGEFAAS_SOURCE_DIR: {} is not a directory",
+                dir.display()
+            ));
+        }
+        // The first sync runs before the port opens, so "ready" means the functions are there.
+        sourcedir::SourceDir::new(dir)
+            .start(app.clone(), app.config.source_interval)
+            .map_err(|e| format!("cannot start the source-dir sync: {e}"))?;
     }
     process::start_sweeper(app.procs.clone())
         .map_err(|e| format!("cannot start the process sweeper: {e}"))?;

@@ -1,4 +1,5 @@
-//! Gauges held by RAII guards, so every increment has its decrement.
+//! What the daemon counts: gauges held by RAII guards (every increment has its
+//! decrement) and the counters behind `GET /_/metrics`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -43,8 +44,288 @@ impl Drop for InFlightGuard<'_> {
     }
 }
 
+/// Upper bounds (seconds) of the invocation-duration histogram buckets.
+const BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// Where an install came from, for `edgefaas_installs_total`.
+#[derive(Clone, Copy)]
+pub enum Origin {
+    Url,
+    Upload,
+    SourceDir,
+}
+
+/// Counters since start-up, rendered in the Prometheus text format.
+pub struct Metrics {
+    started: std::time::SystemTime,
+    clock: std::time::Instant,
+    functions: std::sync::Mutex<std::collections::BTreeMap<String, FunctionStats>>,
+    installs: [std::sync::atomic::AtomicU64; 3],
+    deletes: std::sync::atomic::AtomicU64,
+    download_bytes: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Default)]
+struct FunctionStats {
+    /// Answers by status class: 1xx .. 5xx.
+    classes: [u64; 5],
+    buckets: [u64; BUCKETS.len()],
+    sum: f64,
+    count: u64,
+}
+
+/// What the renderer reads from elsewhere in the daemon at scrape time.
+pub struct Gauges {
+    pub inflight: usize,
+    pub max_inflight: usize,
+    pub zygotes: usize,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            started: std::time::SystemTime::now(),
+            clock: std::time::Instant::now(),
+            functions: Default::default(),
+            installs: Default::default(),
+            deletes: Default::default(),
+            download_bytes: Default::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts one invocation of `function` that answered `status` after `secs`.
+    pub fn invoked(&self, function: &str, status: u16, secs: f64) {
+        let mut map = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+        let stats = map.entry(function.to_string()).or_default();
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        stats.classes[class] += 1;
+        for (bucket, bound) in stats.buckets.iter_mut().zip(BUCKETS) {
+            if secs <= bound {
+                *bucket += 1;
+            }
+        }
+        stats.sum += secs;
+        stats.count += 1;
+    }
+
+    /// Counts an install.
+    pub fn installed(&self, origin: Origin) {
+        self.installs[origin as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a delete.
+    pub fn deleted(&self) {
+        self.deletes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts downloaded function bytes.
+    pub fn downloaded(&self, bytes: usize) {
+        self.download_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition (format 0.0.4).
+    pub fn render(&self, g: &Gauges) -> String {
+        use std::fmt::Write;
+        let mut o = String::new();
+        let head = |o: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+        let map = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+        head(
+            &mut o,
+            "edgefaas_invocations_total",
+            "counter",
+            "Invocations answered, by function and status class.",
+        );
+        for (f, s) in map.iter() {
+            for (i, n) in s.classes.iter().enumerate().filter(|(_, n)| **n > 0) {
+                let _ = writeln!(
+                    o,
+                    "edgefaas_invocations_total{{function=\"{f}\",status=\"{}xx\"}} {n}",
+                    i + 1
+                );
+            }
+        }
+        head(
+            &mut o,
+            "edgefaas_invocation_errors_total",
+            "counter",
+            "Invocations that answered 5xx (failed, timed out, killed).",
+        );
+        for (f, s) in map.iter() {
+            let _ = writeln!(
+                o,
+                "edgefaas_invocation_errors_total{{function=\"{f}\"}} {}",
+                s.classes[4]
+            );
+        }
+        head(
+            &mut o,
+            "edgefaas_invocation_duration_seconds",
+            "histogram",
+            "Time from request to answer, by function.",
+        );
+        for (f, s) in map.iter() {
+            for (n, bound) in s.buckets.iter().zip(BUCKETS) {
+                let _ = writeln!(
+                    o,
+                    "edgefaas_invocation_duration_seconds_bucket{{function=\"{f}\",le=\"{bound}\"}} {n}"
+                );
+            }
+            let _ = writeln!(
+                o,
+                "edgefaas_invocation_duration_seconds_bucket{{function=\"{f}\",le=\"+Inf\"}} {}",
+                s.count
+            );
+            let _ = writeln!(
+                o,
+                "edgefaas_invocation_duration_seconds_sum{{function=\"{f}\"}} {}",
+                s.sum
+            );
+            let _ = writeln!(
+                o,
+                "edgefaas_invocation_duration_seconds_count{{function=\"{f}\"}} {}",
+                s.count
+            );
+        }
+        drop(map);
+        head(
+            &mut o,
+            "edgefaas_inflight_invocations",
+            "gauge",
+            "Invocations running now.",
+        );
+        let _ = writeln!(o, "edgefaas_inflight_invocations {}", g.inflight);
+        head(
+            &mut o,
+            "edgefaas_max_inflight_invocations",
+            "gauge",
+            "EDGEFAAS_MAX_INFLIGHT.",
+        );
+        let _ = writeln!(o, "edgefaas_max_inflight_invocations {}", g.max_inflight);
+        head(
+            &mut o,
+            "edgefaas_warm_zygotes",
+            "gauge",
+            "Functions with a warm zygote (fork mode).",
+        );
+        let _ = writeln!(o, "edgefaas_warm_zygotes {}", g.zygotes);
+        head(
+            &mut o,
+            "edgefaas_installs_total",
+            "counter",
+            "Functions installed or updated, by source.",
+        );
+        for (i, source) in ["url", "upload", "source_dir"].iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "edgefaas_installs_total{{source=\"{source}\"}} {}",
+                self.installs[i].load(Ordering::Relaxed)
+            );
+        }
+        head(
+            &mut o,
+            "edgefaas_deletes_total",
+            "counter",
+            "Functions deleted.",
+        );
+        let _ = writeln!(
+            o,
+            "edgefaas_deletes_total {}",
+            self.deletes.load(Ordering::Relaxed)
+        );
+        head(
+            &mut o,
+            "edgefaas_download_bytes_total",
+            "counter",
+            "Bytes of function files downloaded.",
+        );
+        let _ = writeln!(
+            o,
+            "edgefaas_download_bytes_total {}",
+            self.download_bytes.load(Ordering::Relaxed)
+        );
+        head(
+            &mut o,
+            "edgefaas_uptime_seconds",
+            "gauge",
+            "Seconds since the daemon started.",
+        );
+        let _ = writeln!(
+            o,
+            "edgefaas_uptime_seconds {:.3}",
+            self.clock.elapsed().as_secs_f64()
+        );
+        head(
+            &mut o,
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the daemon since the Unix epoch.",
+        );
+        let start = self
+            .started
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let _ = writeln!(o, "process_start_time_seconds {start:.3}");
+        head(
+            &mut o,
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory of the daemon process (not its functions).",
+        );
+        let _ = writeln!(o, "process_resident_memory_bytes {}", rss_bytes());
+        head(
+            &mut o,
+            "edgefaas_build_info",
+            "gauge",
+            "Always 1; the version is a label.",
+        );
+        let _ = writeln!(
+            o,
+            "edgefaas_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        o
+    }
+}
+
+/// VmRSS of this process, from /proc/self/status (kB there; page-size independent).
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn histogram_buckets_are_cumulative_and_classes_split() {
+        let m = Metrics::default();
+        m.invoked("f", 200, 0.003);
+        m.invoked("f", 504, 2.0);
+        let text = m.render(&Gauges {
+            inflight: 1,
+            max_inflight: 3,
+            zygotes: 0,
+        });
+        assert!(text.contains("edgefaas_invocations_total{function=\"f\",status=\"2xx\"} 1\n"));
+        assert!(text.contains("edgefaas_invocations_total{function=\"f\",status=\"5xx\"} 1\n"));
+        assert!(text.contains("edgefaas_invocation_errors_total{function=\"f\"} 1\n"));
+        assert!(text.contains("le=\"0.0025\"} 0\n"));
+        assert!(text.contains("le=\"0.005\"} 1\n"));
+        assert!(text.contains("le=\"2.5\"} 2\n"));
+        assert!(text.contains("le=\"+Inf\"} 2\n"));
+        assert!(text.contains("edgefaas_inflight_invocations 1\n"));
+    }
+
     use super::*;
 
     #[test]

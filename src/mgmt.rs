@@ -7,6 +7,7 @@ use tiny_http::{Method, Request};
 use crate::app::App;
 use crate::error::{Error, Result};
 use crate::fetch::Source;
+use crate::metrics::Origin;
 use crate::router::{Answer, read_body};
 use crate::store::{FunctionName, Installed};
 
@@ -21,7 +22,7 @@ pub fn handle(app: &App, req: &mut Request, rest: &str) -> Result<Answer> {
     }
     let method = req.method().clone();
     match (rest, &method) {
-        ("/", Method::Get | Method::Head) => list(app),
+        ("/", Method::Get | Method::Head) => list(app, wants_json(req)),
         ("/", Method::Post) => {
             let body = read_body(req, MAX_COMMAND, "the 8 KiB limit for a URL")?;
             install_from_url(app, &String::from_utf8_lossy(&body))
@@ -33,16 +34,16 @@ pub fn handle(app: &App, req: &mut Request, rest: &str) -> Result<Answer> {
         ("/", _) => Err(Error::Method("GET, POST, DELETE")),
         (path, Method::Put) => {
             let name = FunctionName::parse(path_name(path))?;
-            if name.is_echo() {
-                return Err(Error::Protected);
-            }
+            writable(app, &name)?;
             let source = read_body(
                 req,
                 app.config.max_function_size,
                 "EDGEFAAS_MAX_FUNCTION_SIZE",
             )?;
-            let outcome = app.store.install(&name, &source, "upload")?;
-            installed(app, &name, outcome)
+            installed(
+                &name,
+                app.install(&name, &source, "upload", Origin::Upload)?,
+            )
         }
         (path, Method::Delete) => delete(app, path_name(path)),
         (_, _) => Err(Error::Method("PUT, DELETE")),
@@ -73,27 +74,65 @@ fn authorize(app: &App, req: &Request) -> Result<()> {
     }
 }
 
-fn list(app: &App) -> Result<Answer> {
+/// True when the client asked for JSON (`Accept: application/json`).
+fn wants_json(req: &Request) -> bool {
+    req.headers().iter().any(|h| {
+        h.field.equiv("Accept")
+            && h.value
+                .as_str()
+                .to_ascii_lowercase()
+                .contains("application/json")
+    })
+}
+
+fn list(app: &App, json: bool) -> Result<Answer> {
     let names = app.store.list()?;
-    let text: String = names.iter().map(|n| format!("{n}\n")).collect();
     let mut answer = Answer::text(200, "");
-    answer.body = text.into_bytes();
+    if json {
+        // A function deleted between listing and describing is simply left out.
+        let rows: Vec<_> = names
+            .iter()
+            .filter_map(|n| app.store.describe(n).ok())
+            .collect();
+        let mut body = serde_json::to_vec(&rows).map_err(std::io::Error::other)?;
+        body.push(b'\n');
+        answer.headers = vec![("Content-Type".into(), "application/json".into())];
+        answer.body = body;
+    } else {
+        answer.body = names
+            .iter()
+            .map(|n| format!("{n}\n"))
+            .collect::<String>()
+            .into_bytes();
+    }
     Ok(answer)
+}
+
+/// Refuses a /mgmt change to a function that EDGEFAAS_SOURCE_DIR keeps in sync.
+fn writable(app: &App, name: &FunctionName) -> Result<()> {
+    if name.is_echo() {
+        return Err(Error::Protected);
+    }
+    if app
+        .store
+        .source_of(name)
+        .is_some_and(|s| crate::sourcedir::is_managed(app, &s))
+    {
+        return Err(Error::Managed(name.to_string()));
+    }
+    Ok(())
 }
 
 fn install_from_url(app: &App, text: &str) -> Result<Answer> {
     let source = Source::parse(text)?;
-    if source.name.is_echo() {
-        return Err(Error::Protected);
-    }
+    writable(app, &source.name)?;
     let bytes = app.fetcher.fetch(&source)?;
-    let outcome = app.store.install(&source.name, &bytes, &source.url)?;
-    installed(app, &source.name, outcome)
+    app.metrics.downloaded(bytes.len());
+    let outcome = app.install(&source.name, &bytes, &source.url, Origin::Url)?;
+    installed(&source.name, outcome)
 }
 
-/// The answer to an install; the old code is never served once it is sent.
-fn installed(app: &App, name: &FunctionName, outcome: Installed) -> Result<Answer> {
-    app.invoker.forget(name);
+fn installed(name: &FunctionName, outcome: Installed) -> Result<Answer> {
     Ok(match outcome {
         Installed::Created => Answer::text(201, format!("{name}.py has been created")),
         Installed::Updated => Answer::text(200, format!("{name}.py has been updated")),
@@ -102,7 +141,7 @@ fn installed(app: &App, name: &FunctionName, outcome: Installed) -> Result<Answe
 
 fn delete(app: &App, name: &str) -> Result<Answer> {
     let name = FunctionName::parse(name)?;
-    app.store.delete(&name)?;
-    app.invoker.forget(&name);
+    writable(app, &name)?;
+    app.delete(&name)?;
     Ok(Answer::text(200, format!("{name} has been deleted")))
 }

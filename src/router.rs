@@ -81,6 +81,15 @@ pub fn route(app: &App, req: &mut Request) -> Result<Answer> {
     let target = Target::parse(&url)?;
     match (target.first.as_str(), target.rest) {
         ("_", "/health") => Ok(health(app)),
+        ("_", "/metrics") => {
+            let mut a = Answer::text(200, "");
+            a.headers = vec![(
+                "Content-Type".into(),
+                "text/plain; version=0.0.4; charset=utf-8".into(),
+            )];
+            a.body = app.render_metrics().into_bytes();
+            Ok(a)
+        }
         ("_", _) => Err(Error::NoRoute(url.clone())),
         ("mgmt", _) => mgmt::handle(app, req, target.rest),
         ("", _) => Err(Error::NoRoute(
@@ -98,11 +107,17 @@ fn health(app: &App) -> Answer {
     }
 }
 
-/// Runs a function; every answer carries `X-Duration-Seconds`.
+/// Runs a function; every answer carries `X-Duration-Seconds`, and every answer
+/// for an installed function is counted in the metrics.
 fn invoke(app: &App, req: &mut Request, target: &Target<'_>) -> Result<Answer> {
     let started = Instant::now();
-    let mut answer = run(app, req, target).unwrap_or_else(|e| Answer::error(&e));
+    let result = run(app, req, target);
+    let counted = !matches!(result, Err(Error::NotFound(_) | Error::BadName(_)));
+    let mut answer = result.unwrap_or_else(|e| Answer::error(&e));
     let secs = started.elapsed().as_secs_f64();
+    if counted {
+        app.metrics.invoked(&target.first, answer.status, secs);
+    }
     answer
         .headers
         .push(("X-Duration-Seconds".into(), format!("{secs:.6}")));

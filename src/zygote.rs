@@ -174,6 +174,11 @@ impl Zygotes {
         }
     }
 
+    /// How many zygotes are warm.
+    pub fn count(&self) -> usize {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     /// Starts the thread that stops idle zygotes.
     pub fn start_evictor(zygotes: Weak<Zygotes>, every: Duration) -> std::io::Result<()> {
         std::thread::Builder::new()

@@ -9,5 +9,7 @@ mod support;
 mod invoke;
 mod lifecycle;
 mod mgmt;
+mod observe;
+mod sourcedir;
 mod transcript;
 mod zygote;

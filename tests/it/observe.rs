@@ -1,0 +1,169 @@
+//! What operators read: the Prometheus metrics and the JSON listing.
+
+use std::collections::BTreeMap;
+
+use crate::support::{Daemon, FileServer};
+
+/// Parses the Prometheus text format strictly enough to catch malformed output:
+/// every sample is `name{labels} value`, every family has HELP and TYPE first.
+fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
+    let mut typed = std::collections::BTreeSet::new();
+    let mut samples = BTreeMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split(' ');
+            let name = parts.next().unwrap();
+            let kind = parts.next().unwrap();
+            assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+            typed.insert(name.to_string());
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            continue;
+        }
+        assert!(
+            !line.is_empty() && !line.starts_with('#'),
+            "unexpected line {line:?}"
+        );
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("no value: {line:?}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value: {line:?}"));
+        let name = series.split('{').next().unwrap();
+        assert!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "{line}"
+        );
+        if let Some(labels) = series.strip_prefix(name) {
+            if !labels.is_empty() {
+                assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
+                for pair in labels[1..labels.len() - 1].split("\",") {
+                    let (k, v) = pair
+                        .split_once("=\"")
+                        .unwrap_or_else(|| panic!("bad label in {line:?}"));
+                    assert!(
+                        k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                        "{line}"
+                    );
+                    assert!(!v.contains('\n'), "{line}");
+                }
+            }
+        }
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .fold(name, |n, s| n.strip_suffix(s).unwrap_or(n));
+        assert!(
+            typed.contains(name) || typed.contains(family),
+            "no TYPE before {line:?}"
+        );
+        samples.insert(series.to_string(), value);
+    }
+    samples
+}
+
+#[test]
+fn metrics_count_invocations_errors_durations_and_installs() {
+    let d = Daemon::start(&[]);
+    let files = FileServer::start();
+    let boom = "def handle(req):\n    raise RuntimeError('no')\n";
+    let url = files.file("/f/boom.py", boom);
+    assert_eq!(d.req("POST", "/mgmt", url.as_bytes()).status, 201);
+    d.upload("up", "def handle(req):\n    return 1\n");
+    assert_eq!(d.req("DELETE", "/mgmt", b"up").status, 200);
+    for _ in 0..3 {
+        assert_eq!(d.req("POST", "/echo", b"x").status, 200);
+    }
+    assert_eq!(d.req("POST", "/boom", b"").status, 500);
+    assert_eq!(d.req("POST", "/nothing", b"").status, 404);
+
+    let r = d.req("GET", "/_/metrics", b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    let m = parse_metrics(&r.text());
+    let get = |k: &str| {
+        *m.get(k)
+            .unwrap_or_else(|| panic!("missing {k} in\n{}", r.text()))
+    };
+    assert_eq!(
+        get(r#"edgefaas_invocations_total{function="echo",status="2xx"}"#),
+        3.0
+    );
+    assert_eq!(
+        get(r#"edgefaas_invocations_total{function="boom",status="5xx"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(r#"edgefaas_invocation_errors_total{function="boom"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(r#"edgefaas_invocation_errors_total{function="echo"}"#),
+        0.0
+    );
+    assert_eq!(
+        get(r#"edgefaas_invocation_duration_seconds_count{function="echo"}"#),
+        3.0
+    );
+    assert_eq!(
+        get(r#"edgefaas_invocation_duration_seconds_bucket{function="echo",le="+Inf"}"#),
+        3.0
+    );
+    assert!(get(r#"edgefaas_invocation_duration_seconds_sum{function="echo"}"#) > 0.0);
+    assert!(
+        !m.keys().any(|k| k.contains("nothing")),
+        "unknown names make no series"
+    );
+    assert_eq!(get(r#"edgefaas_installs_total{source="url"}"#), 1.0);
+    assert_eq!(get(r#"edgefaas_installs_total{source="upload"}"#), 1.0);
+    assert_eq!(get("edgefaas_deletes_total"), 1.0);
+    assert_eq!(get("edgefaas_download_bytes_total"), boom.len() as f64);
+    assert_eq!(get("edgefaas_inflight_invocations"), 0.0);
+    assert!(get("process_resident_memory_bytes") > 100_000.0);
+    assert!(get("edgefaas_uptime_seconds") > 0.0);
+    assert!(get("process_start_time_seconds") > 1.7e9);
+}
+
+#[test]
+fn json_listing_describes_each_function_and_plain_stays_plain() {
+    let d = Daemon::start(&[]);
+    let files = FileServer::start();
+    let source = "def handle(req):\n    return req\n";
+    let url = files.file("/a/fromurl.py", source);
+    assert_eq!(d.req("POST", "/mgmt", url.as_bytes()).status, 201);
+    d.upload("uploaded", source);
+    let r = d.req_h("GET", "/mgmt", &[("Accept", "application/json")], b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&r.body).unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["echo", "fromurl", "uploaded"]);
+    let by = |n: &str| rows.iter().find(|r| r["name"] == n).unwrap().clone();
+    assert_eq!(by("fromurl")["source"], url.as_str());
+    assert_eq!(by("uploaded")["source"], "upload");
+    assert_eq!(by("echo")["source"], "builtin");
+    assert_eq!(by("uploaded")["size"], source.len());
+    let on_disk = std::fs::read(d.dir.join("uploaded/handler.py")).unwrap();
+    assert_eq!(by("uploaded")["sha256"].as_str().unwrap().len(), 64);
+    assert_eq!(
+        by("uploaded")["sha256"],
+        by("fromurl")["sha256"],
+        "same bytes, same digest"
+    );
+    assert_eq!(on_disk, source.as_bytes());
+    let at = by("uploaded")["installed_at"].as_str().unwrap().to_string();
+    assert!(
+        at.len() == 20 && at.ends_with('Z') && at.as_bytes()[10] == b'T',
+        "{at}"
+    );
+    assert!(at.as_str() >= "2024-01-01T00:00:00Z", "{at}");
+    // The plain listing is exactly as before.
+    assert_eq!(
+        d.req("GET", "/mgmt", b"").text(),
+        "echo\nfromurl\nuploaded\n"
+    );
+}
