@@ -57,6 +57,11 @@ pub struct Config {
     pub source_dir: Option<PathBuf>,
     /// How often the source dir is checked (`EDGEFAAS_SOURCE_INTERVAL`).
     pub source_interval: Duration,
+    /// Client connections held at once; more get 503 at once (`EDGEFAAS_MAX_CONNECTIONS`).
+    pub max_connections: usize,
+    /// Longest wait for one read or write on a client socket, and the idle
+    /// keep-alive lifetime (`EDGEFAAS_IO_TIMEOUT`).
+    pub io_timeout: Duration,
 }
 
 impl Default for Config {
@@ -82,6 +87,8 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(300),
             source_dir: None,
             source_interval: Duration::from_secs(10),
+            max_connections: 128,
+            io_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -151,6 +158,13 @@ impl Config {
                 .filter(|s| !s.is_empty())
                 .map(PathBuf::from),
             source_interval: seconds(&get, "EDGEFAAS_SOURCE_INTERVAL", d.source_interval)?,
+            max_connections: parse(
+                &get,
+                "EDGEFAAS_MAX_CONNECTIONS",
+                d.max_connections,
+                positive,
+            )?,
+            io_timeout: seconds(&get, "EDGEFAAS_IO_TIMEOUT", d.io_timeout)?,
         })
     }
 

@@ -45,6 +45,7 @@ Configured by environment variables (defaults in brackets):
   EDGEFAAS_MGMT_TOKEN [unset: /mgmt is open]
   EDGEFAAS_MODE [fork] (fork | exec)  EDGEFAAS_IDLE_TIMEOUT [300] (seconds)
   EDGEFAAS_SOURCE_DIR [unset]      EDGEFAAS_SOURCE_INTERVAL [10] (seconds)
+  EDGEFAAS_MAX_CONNECTIONS [128]   EDGEFAAS_IO_TIMEOUT [30] (seconds)
   RUST_LOG [info]
 ";
 
@@ -102,7 +103,7 @@ fn run() -> Result<(), String> {
     process::start_sweeper(app.procs.clone())
         .map_err(|e| format!("cannot start the process sweeper: {e}"))?;
     let server =
-        tiny_http::Server::http(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        server::listen(&app.config).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let server = Arc::new(server);
     let pool = server::Pool::start(app.clone(), server.clone())
         .map_err(|e| format!("cannot start workers: {e}"))?;

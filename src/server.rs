@@ -14,6 +14,27 @@ use tiny_http::{Header, Request, Response, Server};
 use crate::app::App;
 use crate::router::{self, Answer};
 
+/// Largest request head (request line and headers) a client may send: 431 past it.
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Most header lines in one request: 431 past it.
+pub const MAX_HEADERS: usize = 100;
+/// Longest time from a request head's first byte to its last: 408 past it.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Binds the listener with every per-client bound in place.
+pub fn listen(config: &crate::config::Config) -> std::io::Result<Server> {
+    let listener = std::net::TcpListener::bind(config.addr())?;
+    let limits = tiny_http::Limits {
+        max_connections: config.max_connections,
+        max_head_bytes: MAX_HEAD_BYTES,
+        max_headers: MAX_HEADERS,
+        head_timeout: Some(HEAD_TIMEOUT),
+        read_timeout: Some(config.io_timeout),
+        write_timeout: Some(config.io_timeout),
+    };
+    Server::from_listener_with_limits(listener, None, limits).map_err(std::io::Error::other)
+}
+
 /// The running worker pool.
 pub struct Pool {
     server: Arc<Server>,
