@@ -5,7 +5,7 @@
 #   make image ARCH=arm           docker image edgefaas:<commit> for that platform (buildx, --load)
 #   make push REGISTRY=reg.example:5000   multi-arch image tagged <commit> and <branch>, pushed
 #   make test-arm                 integration tests against the armv7 binary under qemu-arm-static
-#   make bench / make lint
+#   make bench / make soak / make lint
 PYTHON ?= $(shell [ -x /usr/bin/python3 ] && echo /usr/bin/python3 || echo python3)
 ARCH ?= amd64
 ARCHS ?= arm arm64 amd64
@@ -22,7 +22,7 @@ comma := ,
 empty :=
 space := $(empty) $(empty)
 
-.PHONY: run test lint build image push test-arm bench
+.PHONY: run test lint build image push test-arm bench soak
 run:
 	EDGEFAAS_PYTHON=$(PYTHON) cargo run --release
 
@@ -31,6 +31,10 @@ test:
 
 bench:
 	EDGEFAAS_PYTHON=$(PYTHON) cargo bench --bench bench
+
+# The long form of the soak test that `cargo test` runs with 20 000 requests.
+soak:
+	SOAK_REQUESTS=300000 cargo test --release --test soak -- --nocapture
 
 lint:
 	cargo fmt --check

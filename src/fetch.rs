@@ -152,6 +152,25 @@ mod tests {
 
     const HEX: &str = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
 
+    proptest::proptest! {
+        /// Parsing any text never panics; an accepted URL is http(s), carries no
+        /// fragment, and names a valid function.
+        #[test]
+        fn accepted_urls_are_http_with_a_valid_name(
+            s in "(https?|HTTP|file|ftp)://[a-z0-9.:%/#?=_-]{0,60}(\\.py)?(#sha256=[0-9a-f]{0,70})?|\\PC{0,80}"
+        ) {
+            if let Ok(src) = Source::parse(&s) {
+                let lower = src.url.to_ascii_lowercase();
+                proptest::prop_assert!(lower.starts_with("http://") || lower.starts_with("https://"));
+                proptest::prop_assert!(!src.url.contains('#'));
+                proptest::prop_assert!(FunctionName::parse(src.name.as_str()).is_ok());
+                if let Some(h) = &src.sha256 {
+                    proptest::prop_assert!(h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+                }
+            }
+        }
+    }
+
     #[test]
     fn name_comes_from_the_file_name() {
         let s = Source::parse("http://host:8000/sample_functions/average.py\n").unwrap();

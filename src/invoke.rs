@@ -436,13 +436,9 @@ fn feed<W: Write + Send + 'static>(mut stdin: W, body: Arc<Vec<u8>>) {
     }
 }
 
-/// Starts a small helper thread for one invocation's I/O.
+/// Runs one blocking piece of an invocation's I/O on the I/O pool.
 fn spawn_io(f: impl FnOnce() + Send + 'static) {
-    let spawned = std::thread::Builder::new().stack_size(128 * 1024).spawn(f);
-    if let Err(e) = spawned {
-        // Without the thread the invocation stalls until its deadline kills it: loud, not fatal.
-        warn!("cannot start an I/O thread: {e}");
-    }
+    crate::iopool::run(f);
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ mod config;
 mod error;
 mod fetch;
 mod invoke;
+mod iopool;
 mod metrics;
 mod mgmt;
 mod process;
@@ -79,6 +80,7 @@ fn main() -> ExitCode {
 
 fn run() -> Result<(), String> {
     let config = Config::from_env().map_err(|e| e.to_string())?;
+    sys::ignore_sigxfsz();
     let addr = config.addr();
     // Register before anything else so a SIGTERM during start-up is not lost.
     let mut signals =

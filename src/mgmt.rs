@@ -33,7 +33,7 @@ pub fn handle(app: &App, req: &mut Request, rest: &str) -> Result<Answer> {
         }
         ("/", _) => Err(Error::Method("GET, POST, DELETE")),
         (path, Method::Put) => {
-            let name = FunctionName::parse(path_name(path))?;
+            let name = FunctionName::parse(&path_name(path))?;
             writable(app, &name)?;
             let source = read_body(
                 req,
@@ -45,15 +45,17 @@ pub fn handle(app: &App, req: &mut Request, rest: &str) -> Result<Answer> {
                 app.install(&name, &source, "upload", Origin::Upload)?,
             )
         }
-        (path, Method::Delete) => delete(app, path_name(path)),
+        (path, Method::Delete) => delete(app, &path_name(path)),
         (_, _) => Err(Error::Method("PUT, DELETE")),
     }
 }
 
-/// `/average.py` or `/average` -> `average`.
-fn path_name(path: &str) -> &str {
+/// `/average.py` or `/average` -> `average`, percent-decoded (lossily: a bad byte
+/// becomes U+FFFD, which no valid name contains).
+fn path_name(path: &str) -> String {
     let name = path.strip_prefix('/').unwrap_or(path);
-    name.strip_suffix(".py").unwrap_or(name)
+    let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
+    name.strip_suffix(".py").unwrap_or(&name).to_string()
 }
 
 /// Checks `Authorization: Bearer <token>` in constant time when a token is set.

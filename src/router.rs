@@ -239,6 +239,22 @@ mod tests {
         assert!(Target::parse("/%ff").is_err());
     }
 
+    proptest::proptest! {
+        /// Any request target splits without panicking; the first segment never
+        /// holds a '/' that was not percent-encoded, and the rest starts with '/'.
+        #[test]
+        fn any_target_splits_safely(url in "/[a-zA-Z0-9%./?#&=_~-]{0,80}|\\PC{0,80}") {
+            if let Ok(t) = Target::parse(&url) {
+                proptest::prop_assert!(t.rest.starts_with('/'));
+                proptest::prop_assert!(!t.query.contains('?') || url.matches('?').count() > 1);
+                let raw_first = url.split('?').next().unwrap_or("");
+                if !raw_first.contains("://") && !raw_first.to_ascii_lowercase().contains("%2f") {
+                    proptest::prop_assert!(!t.first.contains('/'));
+                }
+            }
+        }
+    }
+
     #[test]
     fn header_names_are_canonical_with_underscores() {
         assert_eq!(canonical("content-type"), "Content_Type");

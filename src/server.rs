@@ -18,7 +18,8 @@ use crate::router::{self, Answer};
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// Most header lines in one request: 431 past it.
 pub const MAX_HEADERS: usize = 100;
-/// Longest time from a request head's first byte to its last: 408 past it.
+/// Longest time from a request head's first byte to its last (or the IO timeout
+/// if shorter): 408 past it.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Binds the listener with every per-client bound in place.
@@ -28,7 +29,7 @@ pub fn listen(config: &crate::config::Config) -> std::io::Result<Server> {
         max_connections: config.max_connections,
         max_head_bytes: MAX_HEAD_BYTES,
         max_headers: MAX_HEADERS,
-        head_timeout: Some(HEAD_TIMEOUT),
+        head_timeout: Some(HEAD_TIMEOUT.min(config.io_timeout)),
         read_timeout: Some(config.io_timeout),
         write_timeout: Some(config.io_timeout),
     };

@@ -428,6 +428,21 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Whatever the input, parsing never panics, and anything accepted is a
+        /// single safe path component matching the naming rule.
+        #[test]
+        fn any_accepted_name_is_one_safe_component(s in "\\PC{0,80}|[A-Za-z0-9_.%/-]{0,70}") {
+            if let Ok(n) = FunctionName::parse(&s) {
+                let n = n.as_str();
+                proptest::prop_assert!(n.len() <= 64 && !n.is_empty());
+                proptest::prop_assert!(n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'));
+                proptest::prop_assert!(n.as_bytes()[0].is_ascii_alphanumeric());
+                proptest::prop_assert!(n != "mgmt");
+            }
+        }
+    }
+
     #[test]
     fn rfc3339_matches_known_instants() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");

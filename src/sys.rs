@@ -152,3 +152,12 @@ pub fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) 
         }
     }
 }
+
+/// Ignores SIGXFSZ, so a write past a file-size limit fails with EFBIG (answered
+/// 507) instead of killing the daemon.
+pub fn ignore_sigxfsz() {
+    // SAFETY: setting a signal's disposition to SIG_IGN installs no handler code.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}

@@ -6,6 +6,9 @@ pub const MODE: &str = "fork";
 
 mod support;
 
+mod abuse;
+mod faults;
+mod hostile;
 mod invoke;
 mod lifecycle;
 mod mgmt;

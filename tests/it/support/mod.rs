@@ -1,7 +1,7 @@
 //! Test harness: the real `edgefaas` binary on a free loopback port with a
 //! temporary functions dir, a raw HTTP/1.1 client, and a file server.
 
-#![allow(dead_code)] // reason: each test file uses a different part of the harness
+#![allow(dead_code, unused_imports)] // reason: each test binary uses a different part of the harness
 
 pub mod files;
 pub mod http;

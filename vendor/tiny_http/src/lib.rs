@@ -203,8 +203,9 @@ impl Drop for LiveConnection {
 
 /// Answers a connection over the limit and closes it, without a thread of its own.
 fn refuse(mut sock: connection::Connection) {
-    use std::io::Write;
-    let _ = sock.set_timeouts(None, Some(std::time::Duration::from_millis(500)));
+    use std::io::{Read, Write};
+    let short = Some(std::time::Duration::from_millis(20));
+    let _ = sock.set_timeouts(short, short);
     let body = "too many connections\n";
     let _ = write!(
         sock,
@@ -212,6 +213,11 @@ fn refuse(mut sock: connection::Connection) {
         body.len(),
         body
     );
+    let _ = sock.shutdown(std::net::Shutdown::Write);
+    // Closing with the request unread would reset the connection before the client
+    // reads the 503; read what has arrived, for at most 20 ms.
+    let mut scratch = [0u8; 4096];
+    let _ = sock.read(&mut scratch);
 }
 
 // this trait is to make sure that Server implements Share and Send
@@ -368,7 +374,16 @@ impl Server {
                             log::warn!("cannot set socket timeouts: {}", e);
                         }
                         let (read_closable, write_closable) = match ssl {
-                            None => RefinedTcpStream::new(sock),
+                            // EdgeFaaS patch: upstream unwrapped the descriptor clone here,
+                            // so EMFILE panicked the accept thread.
+                            None => match RefinedTcpStream::try_new(sock) {
+                                Ok(halves) => halves,
+                                Err(e) => {
+                                    log::error!("Error accepting new client: {}", e);
+                                    thread::sleep(std::time::Duration::from_millis(50));
+                                    continue;
+                                }
+                            },
                             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
                             Some(ref ssl) => {
                                 // trying to apply SSL over the connection

@@ -112,6 +112,25 @@ impl RefinedTcpStream {
         (read, write)
     }
 
+    /// EdgeFaaS patch: `new` for a plain connection, failing (instead of panicking
+    /// in the accept thread) when the second descriptor cannot be had (EMFILE).
+    pub(crate) fn try_new(conn: Connection) -> IoResult<(RefinedTcpStream, RefinedTcpStream)> {
+        let read = Stream::Http(conn.try_clone()?);
+        let write = Stream::Http(conn);
+        Ok((
+            RefinedTcpStream {
+                stream: read,
+                close_read: true,
+                close_write: false,
+            },
+            RefinedTcpStream {
+                stream: write,
+                close_read: false,
+                close_write: true,
+            },
+        ))
+    }
+
     /// Returns true if this struct wraps around a secure connection.
     #[inline]
     pub(crate) fn secure(&self) -> bool {

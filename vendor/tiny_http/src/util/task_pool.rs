@@ -69,7 +69,12 @@ impl TaskPool {
     pub fn spawn(&self, code: Box<dyn FnMut() + Send>) {
         let mut queue = self.sharing.todo.lock().unwrap();
 
-        if self.sharing.waiting_tasks.load(Ordering::Acquire) == 0 {
+        // EdgeFaaS patch: upstream queued the task whenever any thread was waiting,
+        // so two connections arriving together could both be queued for one idle
+        // thread; the second then waited until some other connection closed (with
+        // keep-alive clients, indefinitely). Queue only if a waiting thread is free
+        // for this task too.
+        if self.sharing.waiting_tasks.load(Ordering::Acquire) <= queue.len() {
             self.add_thread(Some(code));
         } else {
             queue.push_back(code);
