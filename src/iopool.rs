@@ -24,6 +24,7 @@ struct Pool {
 struct State {
     jobs: VecDeque<Job>,
     threads: usize,
+    /// Threads not running a job: waiting, or about to look at the queue.
     idle: usize,
 }
 
@@ -32,17 +33,21 @@ static POOL: LazyLock<Pool> = LazyLock::new(|| Pool {
     wake: Condvar::new(),
 });
 
-/// Runs `job` on a pool thread, starting one if none is idle.
+/// Runs `job` on a pool thread, starting one if none is free for it.
 pub fn run(job: impl FnOnce() + Send + 'static) {
     let mut state = POOL.state.lock().unwrap_or_else(|p| p.into_inner());
     state.jobs.push_back(Box::new(job));
-    if state.idle == 0 && state.threads < MAX_THREADS {
+    // Start a thread only when the queued jobs outnumber the threads free to take them.
+    if state.jobs.len() > state.idle && state.threads < MAX_THREADS {
         let spawned = std::thread::Builder::new()
             .name("io".into())
             .stack_size(STACK)
             .spawn(work);
         match spawned {
-            Ok(_) => state.threads += 1,
+            Ok(_) => {
+                state.threads += 1;
+                state.idle += 1;
+            }
             // The job waits for a busy thread to come free: slower, not lost.
             Err(e) => warn!("cannot start an I/O thread: {e}"),
         }
@@ -55,30 +60,63 @@ fn work() {
     let mut state = POOL.state.lock().unwrap_or_else(|p| p.into_inner());
     loop {
         if let Some(job) = state.jobs.pop_front() {
+            state.idle -= 1;
             drop(state);
             job();
             state = POOL.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.idle += 1;
             continue;
         }
-        state.idle += 1;
         state = POOL.wake.wait(state).unwrap_or_else(|p| p.into_inner());
-        state.idle -= 1;
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    /// Waits until every pool thread is free, then returns how many there are.
+    fn settled() -> usize {
+        for _ in 0..1000 {
+            let s = super::POOL.state.lock().unwrap();
+            if s.idle == s.threads && s.jobs.is_empty() {
+                return s.threads;
+            }
+            drop(s);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        panic!("the pool did not settle");
+    }
+
     #[test]
-    fn jobs_run_and_threads_are_reused() {
+    fn jobs_run_and_a_free_thread_is_reused() {
         let (tx, rx) = std::sync::mpsc::channel();
-        for i in 0..100 {
+        super::run(|| ());
+        let before = settled();
+        for i in 0..50 {
             let tx = tx.clone();
             super::run(move || tx.send(i).unwrap());
+            assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), i);
+            settled();
         }
-        let mut got: Vec<i32> = (0..100).map(|_| rx.recv().unwrap()).collect();
-        got.sort();
-        assert_eq!(got, (0..100).collect::<Vec<_>>());
-        let threads = super::POOL.state.lock().unwrap().threads;
-        assert!(threads < 100, "{threads} threads for 100 quick jobs");
+        assert_eq!(settled(), before, "sequential jobs started new threads");
+        // Jobs that block all at once each get a thread: none waits behind another.
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let go_rx = std::sync::Arc::new(std::sync::Mutex::new(go_rx));
+        for i in 0..8 {
+            let (tx, go_rx) = (tx.clone(), go_rx.clone());
+            super::run(move || {
+                tx.send(i).unwrap();
+                let _ = go_rx.lock().unwrap().recv_timeout(Duration::from_secs(5));
+            });
+        }
+        let mut started: Vec<i32> = (0..8)
+            .map(|_| rx.recv_timeout(Duration::from_secs(5)).unwrap())
+            .collect();
+        started.sort();
+        assert_eq!(started, (0..8).collect::<Vec<_>>());
+        for _ in 0..8 {
+            go_tx.send(()).unwrap();
+        }
     }
 }
