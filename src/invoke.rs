@@ -408,7 +408,8 @@ fn pump<R: Read + Send + 'static>(
     closed: Event,
 ) {
     spawn_io(move || {
-        let mut buf = vec![0u8; 64 * 1024];
+        // On the stack: a 64 KiB heap buffer per pump fragmented musl's allocator.
+        let mut buf = [0u8; 16 * 1024];
         loop {
             match pipe.read(&mut buf) {
                 Ok(0) => break,

@@ -224,11 +224,9 @@ impl Zygote {
             last_used: Mutex::new(Instant::now()),
             procs,
         });
-        let thread_name = format!("zygote-{pid}");
-        std::thread::Builder::new()
-            .name(thread_name)
-            .stack_size(128 * 1024)
-            .spawn(move || listen(reader, &shared))?;
+        // A kept I/O thread, not a new one per zygote: zygotes come and go with every
+        // update, and a thread spawned for each left memory behind under musl.
+        crate::iopool::run(move || listen(reader, &shared));
         info!("started zygote of {name} (pid {pid})");
         Ok(z)
     }

@@ -22,8 +22,9 @@ use support::{Daemon, eventually};
 const CLIENTS: u64 = 16;
 /// Allowed growth between the warmed-up start and the end.
 const FD_SLACK: i64 = 4;
-/// Threads the second half may add (the I/O pool grows to its peak in the first).
-const THREAD_SLACK: i64 = 4;
+/// Threads the second half may add: the I/O pool reaches nearly all its peak in the
+/// first half, but a rare burst can add a few. A per-request leak would add thousands.
+const THREAD_SLACK: i64 = 12;
 /// The I/O pool keeps up to three threads per invocation in flight.
 const IO_THREADS_PER_INFLIGHT: i64 = 3;
 const MAX_INFLIGHT: i64 = 18;
