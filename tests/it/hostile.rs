@@ -180,12 +180,13 @@ fn oversized_and_malformed_requests_get_a_4xx_and_the_daemon_serves_on() {
             "huge Content-Length",
             b"POST /echo HTTP/1.1\r\nContent-Length: 100000000000\r\nConnection: close\r\n\r\nabc"
                 .to_vec(),
-            &[413],
+            // 413 where it fits usize; 400 on 32-bit ARM, where it is no length at all.
+            &[413, 400],
         ),
         (
             "negative Content-Length",
             b"POST /echo HTTP/1.1\r\nContent-Length: -1\r\nConnection: close\r\n\r\n".to_vec(),
-            &[200, 400],
+            &[400],
         ),
         ("garbage request line", b"GARBAGE\r\n\r\n".to_vec(), &[400]),
         (

@@ -152,10 +152,22 @@ where
         // header must be ignored (RFC2616 #4.4)
         None
     } else {
-        headers
+        // EdgeFaaS patch: upstream ignored a Content-Length it could not parse (a
+        // negative one, or one past usize on 32-bit ARM) and read the body as the
+        // next request; it is a bad request (400).
+        match headers
             .iter()
             .find(|h: &&Header| h.field.equiv("Content-Length"))
-            .and_then(|h| FromStr::from_str(h.value.as_str()).ok())
+        {
+            None => None,
+            Some(h) => match FromStr::from_str(h.value.as_str().trim()) {
+                Ok(n) => Some(n),
+                Err(_) => {
+                    let err = IoError::new(ErrorKind::InvalidInput, "bad Content-Length");
+                    return Err(RequestCreationError::CreationIoError(err));
+                }
+            },
+        }
     };
 
     // true if the client sent a `Expect: 100-continue` header
