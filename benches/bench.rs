@@ -6,8 +6,12 @@
 //! 20 warm functions (RSS and PSS from /proc/<pid>/smaps_rollup).
 //! Uses EDGEFAAS_PYTHON, else /usr/bin/python3, else python3.
 
-use std::io::{BufRead, BufReader, Read, Write};
+#[path = "../tests/it/support/keepalive.rs"]
+mod keepalive;
+
 use std::net::TcpStream;
+
+use keepalive::Client;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -117,11 +121,11 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
 }
 
 fn sequential(d: &Daemon, n: usize) -> Vec<Duration> {
-    let mut c = Client::connect(d.port);
+    let mut c = Client::new(d.port);
     (0..n)
         .map(|i| {
             let t = Instant::now();
-            let (status, body) = c.post("/echo", format!("hello {i}").as_bytes());
+            let (status, body) = c.send("POST", "/echo", format!("hello {i}").as_bytes());
             assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
             t.elapsed()
         })
@@ -137,9 +141,9 @@ fn throughput(d: &Daemon, span: Duration) -> (f64, u64) {
         .map(|_| {
             let (stop, done, bad, port) = (stop.clone(), done.clone(), bad.clone(), d.port);
             std::thread::spawn(move || {
-                let mut c = Client::connect(port);
+                let mut c = Client::new(port);
                 while !stop.load(Ordering::Relaxed) {
-                    let (status, _) = c.post("/echo", b"hello");
+                    let (status, _) = c.send("POST", "/echo", b"hello");
                     done.fetch_add(1, Ordering::Relaxed);
                     if status != 200 {
                         bad.fetch_add(1, Ordering::Relaxed);
@@ -158,62 +162,6 @@ fn throughput(d: &Daemon, span: Duration) -> (f64, u64) {
         done.load(Ordering::Relaxed) as f64 / secs,
         bad.load(Ordering::Relaxed),
     )
-}
-
-/// A keep-alive HTTP/1.1 client.
-struct Client {
-    port: u16,
-    reader: BufReader<TcpStream>,
-}
-
-impl Client {
-    fn connect(port: u16) -> Client {
-        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_nodelay(true).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        Client {
-            port,
-            reader: BufReader::new(s),
-        }
-    }
-
-    fn send(&mut self, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\n\r\n",
-            self.port,
-            body.len()
-        );
-        let s = self.reader.get_mut();
-        s.write_all(head.as_bytes()).unwrap();
-        s.write_all(body).unwrap();
-        let mut line = String::new();
-        self.reader.read_line(&mut line).unwrap();
-        let status: u16 = line
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .expect("status line");
-        let mut len = 0;
-        loop {
-            line.clear();
-            self.reader.read_line(&mut line).unwrap();
-            if line == "\r\n" || line.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = line.split_once(':') {
-                if k.eq_ignore_ascii_case("content-length") {
-                    len = v.trim().parse().unwrap();
-                }
-            }
-        }
-        let mut body = vec![0; len];
-        self.reader.read_exact(&mut body).unwrap();
-        (status, body)
-    }
-
-    fn post(&mut self, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
-        self.send("POST", path, body)
-    }
 }
 
 /// Memory of the daemon and its children.
@@ -264,12 +212,12 @@ impl Daemon {
     }
 
     fn post(&self, path: &str, body: &[u8]) {
-        let (status, text) = Client::connect(self.port).post(path, body);
+        let (status, text) = Client::new(self.port).send("POST", path, body);
         assert_eq!(status, 200, "{path}: {}", String::from_utf8_lossy(&text));
     }
 
     fn put(&self, path: &str, body: &[u8]) {
-        let (status, text) = Client::connect(self.port).send("PUT", path, body);
+        let (status, text) = Client::new(self.port).send("PUT", path, body);
         assert!(
             status == 201 || status == 200,
             "{path}: {}",

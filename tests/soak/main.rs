@@ -11,12 +11,11 @@ pub const MODE: &str = "fork";
 #[path = "../it/support/mod.rs"]
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use support::keepalive::Client;
 use support::{Daemon, eventually};
 
 const CLIENTS: u64 = 16;
@@ -32,63 +31,6 @@ const MAX_INFLIGHT: i64 = 18;
 const RSS_SLACK_KB: i64 = 8192;
 /// Growth allowed between the two halves: more means something leaks per request.
 const RSS_LEAK_KB: i64 = 1024;
-
-/// A keep-alive client; reconnects if the server closed the connection.
-struct Client {
-    port: u16,
-    conn: Option<BufReader<TcpStream>>,
-}
-
-impl Client {
-    fn send(&mut self, method: &str, path: &str, body: &[u8]) -> u16 {
-        for _ in 0..3 {
-            if self.conn.is_none() {
-                let s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-                s.set_nodelay(true).unwrap();
-                self.conn = Some(BufReader::new(s));
-            }
-            match self.try_send(method, path, body) {
-                Ok(status) => return status,
-                Err(_) => self.conn = None,
-            }
-        }
-        panic!("{method} {path}: connection kept failing");
-    }
-
-    fn try_send(&mut self, method: &str, path: &str, body: &[u8]) -> std::io::Result<u16> {
-        let r = self.conn.as_mut().unwrap();
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
-        r.get_mut().write_all(head.as_bytes())?;
-        r.get_mut().write_all(body)?;
-        let mut line = String::new();
-        r.read_line(&mut line)?;
-        let status = line
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or(std::io::ErrorKind::InvalidData)?;
-        let mut len = 0usize;
-        loop {
-            line.clear();
-            r.read_line(&mut line)?;
-            if line == "\r\n" || line.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = line.split_once(':') {
-                if k.eq_ignore_ascii_case("content-length") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-            }
-        }
-        let mut body = vec![0; len];
-        r.read_exact(&mut body)?;
-        Ok(status)
-    }
-}
 
 /// (open fds, threads, RSS kB) of a process.
 fn usage(pid: u32) -> (i64, i64, i64) {
@@ -145,7 +87,7 @@ fn phase(port: u16, total: u64) -> Tally {
         .map(|c| {
             let (done, errors, other) = (done.clone(), errors.clone(), other.clone());
             std::thread::spawn(move || {
-                let mut client = Client { port, conn: None };
+                let mut client = Client::new(port);
                 let mut i = 0u64;
                 while done.fetch_add(1, Ordering::Relaxed) < total {
                     let path = if (c + i).is_multiple_of(3) {
@@ -153,7 +95,7 @@ fn phase(port: u16, total: u64) -> Tally {
                     } else {
                         "/echo"
                     };
-                    match client.send("POST", path, format!("c{c} r{i}").as_bytes()) {
+                    match client.send("POST", path, format!("c{c} r{i}").as_bytes()).0 {
                         200 => {}
                         s if s >= 500 => {
                             errors.fetch_add(1, Ordering::Relaxed);
@@ -171,7 +113,7 @@ fn phase(port: u16, total: u64) -> Tally {
     let churn = {
         let stop = stop.clone();
         std::thread::spawn(move || {
-            let mut mgmt = Client { port, conn: None };
+            let mut mgmt = Client::new(port);
             let mut cycles = 0u64;
             let mut unexpected = Vec::new();
             while !stop.load(Ordering::Relaxed) {
@@ -190,7 +132,7 @@ fn phase(port: u16, total: u64) -> Tally {
                         [200, 200],
                     ),
                 ] {
-                    let status = mgmt.send(method, &path, &body);
+                    let (status, _) = mgmt.send(method, &path, &body);
                     if !ok.contains(&status) {
                         unexpected.push(format!("{method} {path}: {status}"));
                     }
@@ -236,15 +178,10 @@ fn soak_under_load_with_churn_leaves_no_errors_leaks_or_strays() {
     ]);
     d.upload("work", "import hashlib\ndef handle(req):\n    return hashlib.sha256(req.encode()).hexdigest()[:8]\n");
     // Warm up: zygotes started and pools grown before the baseline is taken.
-    let mut warm = Client {
-        port: d.port,
-        conn: None,
-    };
+    let mut warm = Client::new(d.port);
     for i in 0..200 {
-        assert_eq!(
-            warm.send("POST", if i % 2 == 0 { "/echo" } else { "/work" }, b"warm"),
-            200
-        );
+        let path = if i % 2 == 0 { "/echo" } else { "/work" };
+        assert_eq!(warm.send("POST", path, b"warm").0, 200);
     }
     drop(warm);
     let start = settled(d.pid());

@@ -5,6 +5,7 @@
 
 pub mod files;
 pub mod http;
+pub mod keepalive;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
