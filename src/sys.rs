@@ -18,24 +18,24 @@ fn check(ret: libc::c_long) -> io::Result<()> {
 
 /// Sends SIGKILL to every process in group `pgid`; a group already gone is fine.
 pub fn kill_group(pgid: u32) -> io::Result<()> {
-    let Ok(pgid) = libc::pid_t::try_from(pgid) else {
-        return Ok(());
-    };
-    // SAFETY: kill(2) with a negative pid only signals; pgid > 0 so it never means "all".
-    let ret = unsafe { libc::kill(-pgid, libc::SIGKILL) };
-    match check(ret.into()) {
-        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
-        other => other,
+    match libc::pid_t::try_from(pgid) {
+        // Negative: the whole group. pgid > 0, so it never means "every process".
+        Ok(pgid) if pgid > 0 => sigkill(-pgid),
+        _ => Ok(()),
     }
 }
 
 /// Sends SIGKILL to one process; one already gone is fine.
 pub fn kill(pid: u32) -> io::Result<()> {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return Ok(());
-    };
-    // SAFETY: kill(2) with a positive pid only signals that process.
-    let ret = unsafe { libc::kill(pid, libc::SIGKILL) };
+    match libc::pid_t::try_from(pid) {
+        Ok(pid) if pid > 0 => sigkill(pid),
+        _ => Ok(()),
+    }
+}
+
+fn sigkill(target: libc::pid_t) -> io::Result<()> {
+    // SAFETY: kill(2) only sends a signal; callers never pass 0 or -1.
+    let ret = unsafe { libc::kill(target, libc::SIGKILL) };
     match check(ret.into()) {
         Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
         other => other,
