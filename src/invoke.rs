@@ -115,8 +115,9 @@ impl Running {
 
 impl Invoker {
     /// Runs the function once, in a fresh process, and returns its reply.
-    pub fn invoke(&self, call: Call<'_>) -> Result<Reply> {
-        let body = Arc::new(call.body.clone());
+    pub fn invoke(&self, mut call: Call<'_>) -> Result<Reply> {
+        // Moved, not copied: a retry shares the same bytes.
+        let body = Arc::new(std::mem::take(&mut call.body));
         // A zygote that died before starting the request is replaced, and the request retried once.
         for _ in 0..2 {
             if let Some(reply) = self.attempt(&call, body.clone())? {
@@ -130,7 +131,8 @@ impl Invoker {
         })
     }
 
-    /// The interpreter command for `args`, with the daemon's environment minus its secrets.
+    /// The interpreter command for `handler` (as a zygote or for one request), with the
+    /// daemon's environment minus its secrets.
     pub fn python_command(&self, handler: &Path, zygote: bool) -> Command {
         let mut cmd = Command::new(&self.python);
         cmd.arg(&self.runner);
