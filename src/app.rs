@@ -1,15 +1,16 @@
 //! The daemon's shared state, built once at start-up and handed to every worker.
 
 use std::io;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use crate::admission::Lane;
 use crate::config::Config;
 use crate::error::Result;
 use crate::fetch::Fetcher;
 use crate::invoke::Invoker;
-use crate::metrics::{Gauges, InFlight, Metrics, Origin};
+use crate::metrics::{Gauges, Metrics, Origin};
 use crate::process::Processes;
 use crate::store::{FunctionName, Installed, Store};
 use crate::zygote::Zygotes;
@@ -21,10 +22,24 @@ pub struct App {
     pub fetcher: Fetcher,
     pub invoker: Invoker,
     pub procs: Arc<Processes>,
-    pub inflight: InFlight,
+    pub lanes: Lanes,
     pub metrics: Metrics,
+    /// The server, once listening: admitting a job from outside the workers wakes one.
+    pub server: Arc<OnceLock<Arc<tiny_http::Server>>>,
     draining: AtomicBool,
 }
+
+/// The admission lanes: invocations, and installs/deletes (so slow downloads
+/// never take the workers that answer health and invocations).
+pub struct Lanes {
+    pub invoke: Arc<Lane>,
+    pub install: Arc<Lane>,
+}
+
+/// Installs and deletes running at once; more wait.
+pub const MAX_CHANGES: usize = 2;
+/// Installs and deletes waiting at most.
+const CHANGE_QUEUE: usize = 32;
 
 impl App {
     /// Opens the store and sets up the invoker and fetcher from `config`.
@@ -45,9 +60,33 @@ impl App {
             procs: procs.clone(),
             zygotes,
         };
+        let server: Arc<OnceLock<Arc<tiny_http::Server>>> = Arc::default();
+        let waker = |server: &Arc<OnceLock<Arc<tiny_http::Server>>>| {
+            let server = server.clone();
+            Box::new(move || {
+                if let Some(s) = server.get() {
+                    s.unblock();
+                }
+            }) as Box<dyn Fn() + Send + Sync>
+        };
+        let lanes = Lanes {
+            invoke: Lane::new(
+                config.max_inflight,
+                config.max_queue,
+                config.queue_timeout,
+                waker(&server),
+            ),
+            install: Lane::new(
+                MAX_CHANGES,
+                CHANGE_QUEUE,
+                config.fetch_timeout + config.queue_timeout,
+                waker(&server),
+            ),
+        };
         Ok(App {
             fetcher: Fetcher::new(config.fetch_timeout, config.max_function_size),
-            inflight: InFlight::new(config.max_inflight),
+            lanes,
+            server,
             metrics: Metrics::default(),
             draining: AtomicBool::new(false),
             store,
@@ -86,15 +125,25 @@ impl App {
 
     /// The metrics page.
     pub fn render_metrics(&self) -> String {
+        let (inflight, queued) = self.lanes.invoke.depth();
         self.metrics.render(&Gauges {
-            inflight: self.inflight.current(),
+            inflight,
+            queued,
             max_inflight: self.config.max_inflight,
+            max_queue: self.config.max_queue,
             zygotes: self.invoker.zygotes.count(),
         })
     }
 
-    /// Starts refusing new work.
+    /// Starts refusing new work: waiting invocations and changes get 503.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
+        self.lanes.invoke.close();
+        self.lanes.install.close();
+    }
+
+    /// Invocations running now.
+    pub fn inflight(&self) -> usize {
+        self.lanes.invoke.depth().0
     }
 }

@@ -31,10 +31,15 @@ pub struct Config {
     pub functions_dir: PathBuf,
     /// The Python interpreter that runs functions (`EDGEFAAS_PYTHON`).
     pub python: String,
-    /// Request worker threads (`EDGEFAAS_WORKERS`).
+    /// Request worker threads (`EDGEFAAS_WORKERS`): invocations, installs, and
+    /// at least one more for health, metrics and listings.
     pub workers: usize,
-    /// Invocations running at once before new ones get 429 (`EDGEFAAS_MAX_INFLIGHT`).
+    /// Invocations running at once; more wait in the queue (`EDGEFAAS_MAX_INFLIGHT`).
     pub max_inflight: usize,
+    /// Invocations waiting for a slot at most; more get 429 (`EDGEFAAS_MAX_QUEUE`).
+    pub max_queue: usize,
+    /// Longest wait for a slot; then 429 (`EDGEFAAS_QUEUE_TIMEOUT`).
+    pub queue_timeout: Duration,
     /// How long one invocation may run (`EDGEFAAS_EXEC_TIMEOUT`).
     pub exec_timeout: Duration,
     /// Largest request body accepted (`EDGEFAAS_MAX_BODY`).
@@ -59,23 +64,27 @@ pub struct Config {
     pub source_interval: Duration,
     /// Client connections held at once; more get 503 at once (`EDGEFAAS_MAX_CONNECTIONS`).
     pub max_connections: usize,
-    /// Longest wait for one read or write on a client socket, and the idle
-    /// keep-alive lifetime (`EDGEFAAS_IO_TIMEOUT`).
+    /// Connections from one client address at once, 0 for no cap
+    /// (`EDGEFAAS_MAX_CONNECTIONS_PER_CLIENT`).
+    pub max_connections_per_client: usize,
+    /// Longest time for a request head from its first byte, the idle keep-alive
+    /// lifetime, and the base of every body and answer deadline (`EDGEFAAS_IO_TIMEOUT`).
     pub io_timeout: Duration,
 }
 
 impl Default for Config {
     fn default() -> Self {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let workers = (2 * cores).max(4);
+        let max_inflight = (2 * cores).max(2);
         Config {
             bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             port: 8080,
             functions_dir: PathBuf::from("./function"),
             python: "python3".into(),
-            workers,
-            // One worker always stays free for health checks, /mgmt and 429s.
-            max_inflight: workers - 1,
+            workers: workers_for(max_inflight),
+            max_inflight,
+            max_queue: 256,
+            queue_timeout: Duration::from_secs(30),
             exec_timeout: Duration::from_secs(10),
             max_body: 1024 * 1024,
             max_output: 4 * 1024 * 1024,
@@ -88,6 +97,7 @@ impl Default for Config {
             source_dir: None,
             source_interval: Duration::from_secs(10),
             max_connections: 128,
+            max_connections_per_client: 0,
             io_timeout: Duration::from_secs(30),
         }
     }
@@ -122,12 +132,15 @@ impl Config {
     /// Reads variables through `get` over the defaults (testable without the real environment).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let d = Config::default();
-        let workers = parse(&get, "EDGEFAAS_WORKERS", d.workers, positive)?;
-        let max_inflight = match get("EDGEFAAS_WORKERS") {
-            // A smaller pool keeps one worker free, as the default does.
-            Some(_) => workers.saturating_sub(1).max(1),
-            None => d.max_inflight,
-        };
+        let max_inflight = parse(&get, "EDGEFAAS_MAX_INFLIGHT", d.max_inflight, positive)?;
+        let least = workers_for(max_inflight) - 1;
+        let workers = parse(&get, "EDGEFAAS_WORKERS", workers_for(max_inflight), |w| {
+            *w >= least
+        })
+        .map_err(|mut e| {
+            e.value = format!("{} (at least EDGEFAAS_MAX_INFLIGHT + 3 = {least})", e.value);
+            e
+        })?;
         let token = get("EDGEFAAS_MGMT_TOKEN").filter(|t| !t.is_empty());
         Ok(Config {
             bind: parse(&get, "EDGEFAAS_BIND", d.bind, any)?,
@@ -139,7 +152,9 @@ impl Config {
                 .filter(|s| !s.is_empty())
                 .unwrap_or(d.python),
             workers,
-            max_inflight: parse(&get, "EDGEFAAS_MAX_INFLIGHT", max_inflight, positive)?,
+            max_inflight,
+            max_queue: parse(&get, "EDGEFAAS_MAX_QUEUE", d.max_queue, any)?,
+            queue_timeout: seconds(&get, "EDGEFAAS_QUEUE_TIMEOUT", d.queue_timeout)?,
             exec_timeout: seconds(&get, "EDGEFAAS_EXEC_TIMEOUT", d.exec_timeout)?,
             max_body: parse(&get, "EDGEFAAS_MAX_BODY", d.max_body, any)?,
             max_output: parse(&get, "EDGEFAAS_MAX_OUTPUT", d.max_output, positive)?,
@@ -164,6 +179,12 @@ impl Config {
                 d.max_connections,
                 positive,
             )?,
+            max_connections_per_client: parse(
+                &get,
+                "EDGEFAAS_MAX_CONNECTIONS_PER_CLIENT",
+                d.max_connections_per_client,
+                any,
+            )?,
             io_timeout: seconds(&get, "EDGEFAAS_IO_TIMEOUT", d.io_timeout)?,
         })
     }
@@ -172,6 +193,12 @@ impl Config {
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::new(self.bind, self.port)
     }
+}
+
+/// Workers for `max_inflight` invocations: those, the install lane, and two
+/// that answer health, metrics and listings whatever else runs.
+fn workers_for(max_inflight: usize) -> usize {
+    max_inflight + crate::app::MAX_CHANGES + 2
 }
 
 fn any<T>(_: &T) -> bool {
@@ -187,7 +214,7 @@ fn parse<T: FromStr>(
     get: &impl Fn(&str) -> Option<String>,
     var: &'static str,
     default: T,
-    ok: fn(&T) -> bool,
+    ok: impl Fn(&T) -> bool,
 ) -> Result<T, ConfigError> {
     let Some(raw) = get(var) else {
         return Ok(default);
@@ -226,8 +253,11 @@ fn expectation(var: &str) -> &'static str {
         "EDGEFAAS_EXEC_TIMEOUT"
         | "EDGEFAAS_FETCH_TIMEOUT"
         | "EDGEFAAS_SHUTDOWN_GRACE"
-        | "EDGEFAAS_IDLE_TIMEOUT" => "a number of seconds greater than 0",
+        | "EDGEFAAS_IDLE_TIMEOUT"
+        | "EDGEFAAS_QUEUE_TIMEOUT" => "a number of seconds greater than 0",
         "EDGEFAAS_MAX_BODY" => "a number of bytes",
+        "EDGEFAAS_MAX_QUEUE" | "EDGEFAAS_MAX_CONNECTIONS_PER_CLIENT" => "a whole number",
+        "EDGEFAAS_WORKERS" => "a whole number of threads",
         _ => "a whole number greater than 0",
     }
 }
@@ -246,11 +276,21 @@ mod tests {
     }
 
     #[test]
-    fn defaults_leave_one_worker_free() {
+    fn defaults_leave_workers_for_installs_and_health() {
         let c = from(&[]).unwrap();
         assert_eq!(c.port, 8080);
-        assert!(c.workers >= 4);
-        assert_eq!(c.max_inflight, c.workers - 1);
+        assert_eq!(c.workers, c.max_inflight + 4);
+        assert!(c.max_queue >= 64, "64 clients must not see 429 by default");
+        let c = from(&[("EDGEFAAS_MAX_INFLIGHT", "1")]).unwrap();
+        assert_eq!(c.workers, 5);
+        let err = from(&[("EDGEFAAS_MAX_INFLIGHT", "4"), ("EDGEFAAS_WORKERS", "6")])
+            .err()
+            .expect("too few workers");
+        assert!(
+            err.to_string()
+                .contains("at least EDGEFAAS_MAX_INFLIGHT + 3 = 7"),
+            "{err}"
+        );
         assert_eq!(c.functions_dir, PathBuf::from("./function"));
     }
 

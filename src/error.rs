@@ -31,8 +31,10 @@ pub enum Error {
     FetchTimeout,
     /// A body or function file over its limit; says which limit.
     TooLarge(String),
-    /// `EDGEFAAS_MAX_INFLIGHT` invocations are already running.
-    Busy,
+    /// The admission queue is full, or the wait for a slot ran out.
+    Busy(crate::admission::Refused),
+    /// The daemon ran out of threads, processes, descriptors or memory for this request.
+    Unavailable(String),
     /// The handler raised, exited non-zero or misbehaved; carries the reason.
     Failed { name: String, reason: String },
     /// The handler ran past `EDGEFAAS_EXEC_TIMEOUT`.
@@ -56,10 +58,10 @@ impl Error {
             Error::Method(_) => 405,
             Error::Managed(_) => 409,
             Error::TooLarge(_) => 413,
-            Error::Busy => 429,
+            Error::Busy(_) => 429,
             Error::Failed { .. } | Error::Io(_) => 500,
             Error::Fetch(_) => 502,
-            Error::ShuttingDown => 503,
+            Error::ShuttingDown | Error::Unavailable(_) => 503,
             Error::FetchTimeout | Error::Timeout { .. } => 504,
             Error::NoSpace => 507,
         }
@@ -89,7 +91,17 @@ impl fmt::Display for Error {
             Error::Fetch(why) => write!(f, "download failed: {why}"),
             Error::FetchTimeout => write!(f, "download timed out"),
             Error::TooLarge(what) => write!(f, "{what}"),
-            Error::Busy => write!(f, "too many invocations in flight, try again later"),
+            Error::Busy(crate::admission::Refused::TimedOut) => {
+                write!(
+                    f,
+                    "no slot came free in time (EDGEFAAS_QUEUE_TIMEOUT), try again later"
+                )
+            }
+            Error::Busy(_) => write!(
+                f,
+                "too many invocations waiting (EDGEFAAS_MAX_QUEUE), try again later"
+            ),
+            Error::Unavailable(why) => write!(f, "server busy: {why}; try again later"),
             Error::Failed { name, reason } => write!(f, "function '{name}' failed: {reason}"),
             Error::Timeout { name, secs } => {
                 write!(

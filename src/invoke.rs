@@ -159,9 +159,15 @@ impl Invoker {
         body: Arc<Vec<u8>>,
         tx: &Sender<Event>,
     ) -> Result<Option<Running>> {
-        let cannot = |e: std::io::Error| Error::Failed {
-            name: call.name.to_string(),
-            reason: format!("cannot start {}: {e}", self.python),
+        let cannot = |e: std::io::Error| match e.raw_os_error() {
+            // Out of processes, descriptors or memory: the daemon's trouble, not the function's.
+            Some(libc::EAGAIN | libc::ENOMEM | libc::EMFILE | libc::ENFILE) => {
+                Error::Unavailable(format!("cannot start {}: {e}", self.python))
+            }
+            _ => Error::Failed {
+                name: call.name.to_string(),
+                reason: format!("cannot start {}: {e}", self.python),
+            },
         };
         match self.mode {
             Mode::Exec => {

@@ -3,10 +3,12 @@
 //! deletes them on the fly. See README.md for use and ARCHITECTURE.md for the map.
 #![deny(unsafe_code)]
 
+mod admission;
 mod app;
 mod config;
 mod error;
 mod fetch;
+mod http;
 mod invoke;
 mod iopool;
 mod metrics;
@@ -107,20 +109,22 @@ fn run() -> Result<(), String> {
     let server =
         server::listen(&app.config).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let server = Arc::new(server);
+    let _ = app.server.set(server.clone());
     let pool = server::Pool::start(app.clone(), server.clone())
         .map_err(|e| format!("cannot start workers: {e}"))?;
     info!(
-        "edgefaas {} serving {} on {} with {} workers, {} invocations at once",
+        "edgefaas {} serving {} on {} with {} workers, {} invocations at once, {} waiting at most",
         env!("CARGO_PKG_VERSION"),
         app.store.dir().display(),
         server.server_addr(),
         app.config.workers,
-        app.config.max_inflight
+        app.config.max_inflight,
+        app.config.max_queue
     );
     let signal = signals.forever().next().unwrap_or(SIGTERM);
     info!(
         "signal {signal}: draining ({} in flight, grace {:?})",
-        app.inflight.current(),
+        app.inflight(),
         app.config.shutdown_grace
     );
     drain(&app);
@@ -133,18 +137,15 @@ fn run() -> Result<(), String> {
 fn drain(app: &App) {
     app.start_draining();
     let deadline = Instant::now() + app.config.shutdown_grace;
-    while app.inflight.current() > 0 && Instant::now() < deadline {
+    while app.inflight() > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
-    if app.inflight.current() > 0 {
-        warn!(
-            "grace period over: killing {} invocations",
-            app.inflight.current()
-        );
+    if app.inflight() > 0 {
+        warn!("grace period over: killing {} invocations", app.inflight());
         app.procs.kill_all();
         app.invoker.zygotes.kill_all();
         let deadline = Instant::now() + Duration::from_secs(2);
-        while app.inflight.current() > 0 && Instant::now() < deadline {
+        while app.inflight() > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
     }

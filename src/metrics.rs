@@ -1,48 +1,7 @@
-//! What the daemon counts: gauges held by RAII guards (every increment has its
-//! decrement) and the counters behind `GET /_/metrics`.
+//! What the daemon counts: the counters behind `GET /_/metrics`, and the
+//! gauges read at scrape time from where they live (the admission lanes).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-/// Invocations running now, with a ceiling.
-pub struct InFlight {
-    now: AtomicUsize,
-    max: usize,
-}
-
-/// One running invocation; dropping it frees its slot.
-pub struct InFlightGuard<'a>(&'a InFlight);
-
-impl InFlight {
-    /// A gauge that admits at most `max` at once.
-    pub fn new(max: usize) -> InFlight {
-        InFlight {
-            now: AtomicUsize::new(0),
-            max,
-        }
-    }
-
-    /// Takes a slot, or `None` when all `max` are taken.
-    pub fn try_enter(&self) -> Option<InFlightGuard<'_>> {
-        let admitted = self
-            .now
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < self.max).then_some(n + 1)
-            })
-            .is_ok();
-        admitted.then(|| InFlightGuard(self))
-    }
-
-    /// How many are running.
-    pub fn current(&self) -> usize {
-        self.now.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for InFlightGuard<'_> {
-    fn drop(&mut self) {
-        self.0.now.fetch_sub(1, Ordering::SeqCst);
-    }
-}
+use std::sync::atomic::Ordering;
 
 /// Upper bounds (seconds) of the invocation-duration histogram buckets.
 const BUCKETS: [f64; 12] = [
@@ -63,6 +22,8 @@ pub struct Metrics {
     clock: std::time::Instant,
     functions: std::sync::Mutex<std::collections::BTreeMap<String, FunctionStats>>,
     installs: [std::sync::atomic::AtomicU64; 3],
+    /// Invocations refused by admission: queue full, wait ran out.
+    refused: [std::sync::atomic::AtomicU64; 2],
     deletes: std::sync::atomic::AtomicU64,
     download_bytes: std::sync::atomic::AtomicU64,
 }
@@ -79,7 +40,9 @@ struct FunctionStats {
 /// What the renderer reads from elsewhere in the daemon at scrape time.
 pub struct Gauges {
     pub inflight: usize,
+    pub queued: usize,
     pub max_inflight: usize,
+    pub max_queue: usize,
     pub zygotes: usize,
 }
 
@@ -90,6 +53,7 @@ impl Default for Metrics {
             clock: std::time::Instant::now(),
             functions: Default::default(),
             installs: Default::default(),
+            refused: Default::default(),
             deletes: Default::default(),
             download_bytes: Default::default(),
         }
@@ -110,6 +74,17 @@ impl Metrics {
         }
         stats.sum += secs;
         stats.count += 1;
+    }
+
+    /// Counts an invocation admission refused (answered with `status` after `secs`).
+    pub fn refused(&self, function: &str, why: crate::admission::Refused, status: u16, secs: f64) {
+        use crate::admission::Refused;
+        match why {
+            Refused::Full => self.refused[0].fetch_add(1, Ordering::Relaxed),
+            Refused::TimedOut => self.refused[1].fetch_add(1, Ordering::Relaxed),
+            Refused::ShuttingDown => 0,
+        };
+        self.invoked(function, status, secs);
     }
 
     /// Counts an install.
@@ -208,6 +183,33 @@ impl Metrics {
             "EDGEFAAS_MAX_INFLIGHT.",
         );
         let _ = writeln!(o, "edgefaas_max_inflight_invocations {}", g.max_inflight);
+        head(
+            &mut o,
+            "edgefaas_queued_invocations",
+            "gauge",
+            "Invocations waiting for a slot.",
+        );
+        let _ = writeln!(o, "edgefaas_queued_invocations {}", g.queued);
+        head(
+            &mut o,
+            "edgefaas_max_queued_invocations",
+            "gauge",
+            "EDGEFAAS_MAX_QUEUE.",
+        );
+        let _ = writeln!(o, "edgefaas_max_queued_invocations {}", g.max_queue);
+        head(
+            &mut o,
+            "edgefaas_refused_invocations_total",
+            "counter",
+            "Invocations answered 429: the queue was full, or the wait ran out.",
+        );
+        for (i, reason) in ["queue_full", "queue_timeout"].iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "edgefaas_refused_invocations_total{{reason=\"{reason}\"}} {}",
+                self.refused[i].load(Ordering::Relaxed)
+            );
+        }
         head(
             &mut o,
             "edgefaas_warm_zygotes",
@@ -313,7 +315,9 @@ mod tests {
         m.invoked("f", 504, 2.0);
         let text = m.render(&Gauges {
             inflight: 1,
+            queued: 0,
             max_inflight: 3,
+            max_queue: 8,
             zygotes: 0,
         });
         assert!(text.contains("edgefaas_invocations_total{function=\"f\",status=\"2xx\"} 1\n"));
@@ -327,15 +331,4 @@ mod tests {
     }
 
     use super::*;
-
-    #[test]
-    fn slots_are_bounded_and_returned_on_drop() {
-        let g = InFlight::new(2);
-        let a = g.try_enter().unwrap();
-        let _b = g.try_enter().unwrap();
-        assert!(g.try_enter().is_none());
-        drop(a);
-        assert_eq!(g.current(), 1);
-        assert!(g.try_enter().is_some());
-    }
 }

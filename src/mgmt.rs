@@ -7,46 +7,62 @@ use tiny_http::{Method, Request};
 use crate::app::App;
 use crate::error::{Error, Result};
 use crate::fetch::Source;
+use crate::http::{Answer, MAX_COMMAND, Target};
 use crate::metrics::Origin;
-use crate::router::{Answer, read_body};
 use crate::store::{FunctionName, Installed};
 
-/// Largest body of `POST`/`DELETE /mgmt` (a URL or a name).
-const MAX_COMMAND: u64 = 8 * 1024;
-
-/// Answers a request to `/mgmt` (`rest` = `/`) or `/mgmt/<name>`.
-pub fn handle(app: &App, req: &mut Request, rest: &str) -> Result<Answer> {
+/// Decides a request to `/mgmt` (`rest` = `/`) or `/mgmt/<name>`: the token,
+/// then a listing at once, or `None`: a change that waits for an install slot.
+pub fn route(app: &App, req: &Request, rest: &str) -> Result<Option<Answer>> {
     authorize(app, req)?;
     if app.draining() {
         return Err(Error::ShuttingDown);
     }
-    let method = req.method().clone();
-    match (rest, &method) {
-        ("/", Method::Get | Method::Head) => list(app, wants_json(req)),
+    match (rest, req.method()) {
+        ("/", Method::Get | Method::Head) => list(app, wants_json(req)).map(Some),
+        ("/", Method::Post | Method::Delete) => Ok(None),
+        ("/", _) => Err(Error::Method("GET, POST, DELETE")),
+        (_, Method::Put | Method::Delete) => Ok(None),
+        (_, _) => Err(Error::Method("PUT, DELETE")),
+    }
+}
+
+/// Carries out a change routed by `route`, holding an install slot.
+pub fn change(app: &App, req: &mut Request) -> Result<Answer> {
+    if app.draining() {
+        return Err(Error::ShuttingDown);
+    }
+    let url = req.url().to_string();
+    let rest = Target::parse(&url)?.rest;
+    let body = req.take_body();
+    let too_large = |limit: u64, var: &str| {
+        Error::TooLarge(format!("request body is larger than {var} ({limit} bytes)"))
+    };
+    match (rest, req.method()) {
         ("/", Method::Post) => {
-            let body = read_body(req, MAX_COMMAND, "the 8 KiB limit for a URL")?;
+            if body.len() as u64 > MAX_COMMAND {
+                return Err(too_large(MAX_COMMAND, "the 8 KiB limit for a URL"));
+            }
             install_from_url(app, &String::from_utf8_lossy(&body))
         }
-        ("/", Method::Delete) => {
-            let body = read_body(req, MAX_COMMAND, "the 8 KiB limit for a name")?;
+        ("/", _) => {
+            if body.len() as u64 > MAX_COMMAND {
+                return Err(too_large(MAX_COMMAND, "the 8 KiB limit for a name"));
+            }
             delete(app, String::from_utf8_lossy(&body).trim())
         }
-        ("/", _) => Err(Error::Method("GET, POST, DELETE")),
         (path, Method::Put) => {
             let name = FunctionName::parse(&path_name(path))?;
             writable(app, &name)?;
-            let source = read_body(
-                req,
-                app.config.max_function_size,
-                "EDGEFAAS_MAX_FUNCTION_SIZE",
-            )?;
-            installed(
-                &name,
-                app.install(&name, &source, "upload", Origin::Upload)?,
-            )
+            if body.len() as u64 > app.config.max_function_size {
+                return Err(too_large(
+                    app.config.max_function_size,
+                    "EDGEFAAS_MAX_FUNCTION_SIZE",
+                ));
+            }
+            installed(&name, app.install(&name, &body, "upload", Origin::Upload)?)
         }
-        (path, Method::Delete) => delete(app, &path_name(path)),
-        (_, _) => Err(Error::Method("PUT, DELETE")),
+        (path, _) => delete(app, &path_name(path)),
     }
 }
 

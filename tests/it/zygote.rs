@@ -131,7 +131,7 @@ fn a_handler_whose_import_hangs_times_out_and_its_zygote_is_replaced() {
 
 #[test]
 fn concurrent_requests_to_one_function_each_get_their_own_child() {
-    let d = Daemon::start(&[("EDGEFAAS_WORKERS", "9"), ("EDGEFAAS_MAX_INFLIGHT", "8")]);
+    let d = Daemon::start(&[("EDGEFAAS_MAX_INFLIGHT", "8")]);
     d.upload("who", "import os, time\ndef handle(req):\n    time.sleep(0.3)\n    return '%d %d %s' % (os.getppid(), os.getpid(), req)\n");
     let port = d.port;
     let threads: Vec<_> = (0..8)

@@ -1,377 +1,376 @@
-use ascii::AsciiString;
+//! One client connection, served by its own thread: read a whole request (head
+//! within its deadline, body by its framing, within its limit, budget and
+//! deadline), queue it for the workers, write their answer under a deadline,
+//! and go on only if the framing and both sides allow it.
+//!
+//! EdgeFaaS patch: this replaces upstream's lenient parser, its
+//! `chunked_transfer` decoder and its reader/writer chaining, under which a
+//! worker read the body (or not) itself and unread body bytes were parsed as the
+//! next request.
 
-use std::io::Error as IoError;
-use std::io::Result as IoResult;
-use std::io::{BufReader, BufWriter, ErrorKind, Read};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use std::net::SocketAddr;
-use std::str::FromStr;
+use crate::connection::Connection;
+use crate::framing::{self, Chunked, Framing, Head, Refusal, Step};
+use crate::request::{Parts, ReplySlot};
+use crate::util::MessagesQueue;
+use crate::{Budget, HTTPVersion, Limits, Method, Request, Response, StatusCode};
 
-use std::time::Instant;
+/// Bytes read from the socket at once (beyond the head's own room).
+const READ_CHUNK: usize = 16 * 1024;
+/// Bytes drained after an early answer so the client can read it before the close.
+const LINGER_BYTES: usize = 256 * 1024;
+/// Longest drain after an early answer.
+const LINGER_TIME: Duration = Duration::from_secs(1);
 
-use crate::common::{HTTPVersion, Method};
-use crate::Limits;
-use crate::util::RefinedTcpStream;
-use crate::util::{SequentialReader, SequentialReaderBuilder, SequentialWriterBuilder};
-use crate::Request;
-
-/// A ClientConnection is an object that will store a socket to a client
-/// and return Request objects.
-pub struct ClientConnection {
-    // address of the client
-    remote_addr: IoResult<Option<SocketAddr>>,
-
-    // sequence of Readers to the stream, so that the data is not read in
-    //  the wrong order
-    source: SequentialReaderBuilder<BufReader<RefinedTcpStream>>,
-
-    // sequence of Writers to the stream, to avoid writing response #2 before
-    //  response #1
-    sink: SequentialWriterBuilder<BufWriter<RefinedTcpStream>>,
-
-    // Reader to read the next header from
-    next_header_source: SequentialReader<BufReader<RefinedTcpStream>>,
-
-    // set to true if we know that the previous request is the last one
-    no_more_requests: bool,
-
-    // true if the connection goes through SSL
-    secure: bool,
-
-    // EdgeFaaS patch: bounds on each request head
-    limits: Limits,
+/// Why a request could not be read.
+enum Fail {
+    /// Answer this and close.
+    Refuse(Refusal),
+    /// The client went away (or idled out): close quietly.
+    Gone,
 }
 
-/// EdgeFaaS patch: what is left for the request head being read.
-struct HeadBudget {
-    bytes_left: usize,
-    deadline: Option<Instant>,
+impl From<Refusal> for Fail {
+    fn from(r: Refusal) -> Fail {
+        Fail::Refuse(r)
+    }
 }
 
-/// Error that can happen when reading a request.
-#[derive(Debug)]
-enum ReadError {
-    WrongRequestLine,
-    WrongHeader(HTTPVersion),
-    /// EdgeFaaS patch: the head is over `Limits::max_head_bytes` or `max_headers`.
-    HeadTooLarge(HTTPVersion),
-    /// the client sent an unrecognized `Expect` header
-    ExpectationFailed(HTTPVersion),
-    ReadIoError(IoError),
+pub(crate) struct ClientConnection {
+    sock: Connection,
+    remote: Option<SocketAddr>,
+    limits: Arc<Limits>,
+    budget: Arc<Budget>,
+    queue: Arc<MessagesQueue<Request>>,
+    closing: Arc<AtomicBool>,
+    /// Bytes read but not yet consumed: `buf[start..end]`.
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    slot: Arc<ReplySlot>,
 }
 
 impl ClientConnection {
-    /// Creates a new `ClientConnection` that takes ownership of the `TcpStream`.
-    pub fn new(
-        write_socket: RefinedTcpStream,
-        mut read_socket: RefinedTcpStream,
-        limits: Limits,
+    pub(crate) fn new(
+        sock: Connection,
+        remote: Option<SocketAddr>,
+        limits: Arc<Limits>,
+        budget: Arc<Budget>,
+        queue: Arc<MessagesQueue<Request>>,
+        closing: Arc<AtomicBool>,
     ) -> ClientConnection {
-        let remote_addr = read_socket.peer_addr();
-        let secure = read_socket.secure();
-
-        let mut source = SequentialReaderBuilder::new(BufReader::with_capacity(1024, read_socket));
-        let first_header = source.next().unwrap();
-
+        let size = limits.max_head_bytes + READ_CHUNK;
         ClientConnection {
-            source,
-            sink: SequentialWriterBuilder::new(BufWriter::with_capacity(1024, write_socket)),
-            remote_addr,
-            next_header_source: first_header,
-            no_more_requests: false,
-            secure,
+            sock,
+            remote,
             limits,
+            budget,
+            queue,
+            closing,
+            buf: vec![0; size],
+            start: 0,
+            end: 0,
+            slot: Arc::new(ReplySlot::default()),
         }
     }
 
-    /// true if the connection is HTTPS
-    pub fn secure(&self) -> bool {
-        self.secure
-    }
-
-    /// Reads the next line from self.next_header_source.
-    ///
-    /// Reads until `CRLF` is reached. The next read will start
-    ///  at the first byte of the new line.
-    fn read_next_line(&mut self, budget: &mut HeadBudget) -> IoResult<AsciiString> {
-        let mut buf = Vec::new();
-        let mut prev_byte_was_cr = false;
-
+    /// Serves requests until the connection closes.
+    pub(crate) fn serve(mut self) {
         loop {
-            let byte = self.next_header_source.by_ref().bytes().next();
-
-            let byte = match byte {
-                Some(b) => b?,
-                None => return Err(IoError::new(ErrorKind::ConnectionAborted, "Unexpected EOF")),
+            let head = match self.read_head() {
+                Ok(Some(head)) => head,
+                Ok(None) | Err(Fail::Gone) => return,
+                Err(Fail::Refuse(r)) => return self.refuse(r),
             };
-
-            // EdgeFaaS patch: the head's clock starts at its first byte, and it
-            // may not grow past its byte budget.
-            let now = Instant::now();
-            match budget.deadline {
-                None => budget.deadline = self.limits.head_timeout.map(|t| now + t),
-                Some(deadline) if now > deadline => {
-                    return Err(IoError::new(ErrorKind::TimedOut, "request head too slow"))
+            let version = head.version.clone();
+            let is_head = head.method == Method::Head;
+            let keep_alive = head.keep_alive;
+            let (body, lease) = match self.read_body(&head) {
+                Ok(read) => read,
+                Err(Fail::Gone) => return,
+                Err(Fail::Refuse(r)) => return self.refuse(r),
+            };
+            let parts = Parts {
+                method: head.method,
+                path: head.path,
+                http_version: head.version,
+                headers: head.headers,
+                remote_addr: self.remote,
+                body,
+                lease: Some((self.budget.clone(), lease)),
+            };
+            self.queue.push(Request::new(parts, self.slot.clone()));
+            let answer = self.slot.take();
+            let close = !keep_alive || self.closing.load(Ordering::Relaxed);
+            let bytes = match answer.serialize(&version, is_head, close) {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    log::warn!("cannot build the answer for {}: {e}", crate::peer(self.remote));
+                    return;
                 }
-                Some(_) => {}
+            };
+            let deadline = self.deadline_for(bytes.len() as u64);
+            if let Err(e) = self.write_all(&bytes, deadline) {
+                log::debug!("writing to {} failed: {e}", crate::peer(self.remote));
+                return;
             }
-            if budget.bytes_left == 0 {
-                return Err(IoError::new(ErrorKind::OutOfMemory, "request head too large"));
+            if close {
+                // Bytes already here were sent after a request that closes: drain
+                // them so the close does not reset the answer; else close at once.
+                if self.end > self.start {
+                    return self.linger();
+                }
+                let _ = self.sock.shutdown(Shutdown::Write);
+                return;
             }
-            budget.bytes_left -= 1;
-
-            if byte == b'\n' && prev_byte_was_cr {
-                buf.pop(); // removing the '\r'
-                return AsciiString::from_ascii(buf)
-                    .map_err(|_| IoError::new(ErrorKind::InvalidInput, "Header is not in ASCII"));
-            }
-
-            prev_byte_was_cr = byte == b'\r';
-
-            buf.push(byte);
         }
     }
 
-    /// Reads a request from the stream.
-    /// Blocks until the header has been read.
-    fn read(&mut self) -> Result<Request, ReadError> {
-        let mut budget = HeadBudget {
-            bytes_left: self.limits.max_head_bytes,
-            deadline: None,
-        };
-        let too_large = |e: IoError, version: &HTTPVersion| {
-            if e.kind() == ErrorKind::OutOfMemory {
-                ReadError::HeadTooLarge(version.clone())
-            } else {
-                ReadError::ReadIoError(e)
+    /// `head_timeout` plus `len` bytes at the minimum rate, from now.
+    fn deadline_for(&self, len: u64) -> Instant {
+        let rate = self.limits.min_rate.max(1);
+        Instant::now() + self.limits.head_timeout + Duration::from_millis(len.saturating_mul(1000) / rate)
+    }
+
+    /// Reads the next head. `None`: the client closed or idled out between requests.
+    fn read_head(&mut self) -> Result<Option<Head>, Fail> {
+        self.compact();
+        let idle_deadline = Instant::now() + self.limits.head_timeout;
+        let mut head_deadline: Option<Instant> = None;
+        let mut scanned = 0;
+        loop {
+            // Empty lines before a request line are allowed (RFC 9112 2.2).
+            while self.end > self.start && self.buf[self.start] == b'\n'
+                || self.end > self.start + 1 && self.buf[self.start..self.start + 2] == *b"\r\n"
+            {
+                self.start += if self.buf[self.start] == b'\n' { 1 } else { 2 };
+                scanned = 0;
             }
-        };
-        let (method, path, version, headers) = {
-            // reading the request line
-            let (method, path, version) = {
-                let line = self
-                    .read_next_line(&mut budget)
-                    .map_err(|e| too_large(e, &HTTPVersion(1, 1)))?;
-
-                parse_request_line(
-                    line.as_str().trim(), // TODO: remove this conversion
-                )?
-            };
-
-            // getting all headers
-            let headers = {
-                let mut headers = Vec::new();
-                loop {
-                    let line = self
-                        .read_next_line(&mut budget)
-                        .map_err(|e| too_large(e, &version))?;
-
-                    if line.is_empty() {
-                        break;
+            let avail = &self.buf[self.start..self.end];
+            if !avail.is_empty() && head_deadline.is_none() {
+                head_deadline = Some(Instant::now() + self.limits.head_timeout);
+            }
+            let window = &avail[..avail.len().min(self.limits.max_head_bytes)];
+            if let Some(end) = framing::find_head_end(window, scanned) {
+                let head = framing::parse_head(&window[..end], self.limits.max_headers)?;
+                self.start += end;
+                return Ok(Some(head));
+            }
+            scanned = window.len();
+            if window.len() >= self.limits.max_head_bytes {
+                return Err(Refusal::new(431, "request head too large").into());
+            }
+            let deadline = head_deadline.unwrap_or(idle_deadline);
+            match self.fill(deadline) {
+                Ok(0) if head_deadline.is_none() => return Ok(None),
+                Ok(0) => return Err(Fail::Gone),
+                Ok(_) => {}
+                Err(e) if is_timeout(&e) => {
+                    return match head_deadline {
+                        None => Ok(None),
+                        Some(_) => Err(Refusal::new(408, "request head too slow").into()),
                     };
-                    if headers.len() >= self.limits.max_headers {
-                        return Err(ReadError::HeadTooLarge(version));
-                    }
-                    headers.push(match FromStr::from_str(line.as_str().trim()) {
-                        // TODO: remove this conversion
-                        Ok(h) => h,
-                        _ => return Err(ReadError::WrongHeader(version)),
-                    });
                 }
+                Err(_) => return Err(Fail::Gone),
+            }
+        }
+    }
 
-                headers
-            };
-
-            (method, path, version, headers)
+    /// Reads the whole body by the head's framing; returns it and the budget it holds.
+    fn read_body(&mut self, head: &Head) -> Result<(Vec<u8>, usize), Fail> {
+        let limit = (self.limits.body_limit)(&head.method, &head.path);
+        let too_large = || {
+            Refusal::new(
+                413,
+                format!(
+                    "request body is larger than {} ({} bytes)",
+                    limit.name, limit.bytes
+                ),
+            )
         };
-
-        // building the writer for the request
-        let writer = self.sink.next().unwrap();
-
-        // follow-up for next potential request
-        let mut data_source = self.source.next().unwrap();
-        std::mem::swap(&mut self.next_header_source, &mut data_source);
-
-        // building the next reader
-        let request = crate::request::new_request(
-            self.secure,
-            method,
-            path,
-            version.clone(),
-            headers,
-            *self.remote_addr.as_ref().unwrap(),
-            data_source,
-            writer,
-        )
-        .map_err(|e| {
-            use crate::request;
-            match e {
-                request::RequestCreationError::CreationIoError(e) => ReadError::ReadIoError(e),
-                request::RequestCreationError::ExpectationFailed => {
-                    ReadError::ExpectationFailed(version)
+        let mut body = Vec::new();
+        let mut held = 0usize;
+        let result = match head.framing {
+            Framing::Empty => Ok(()),
+            Framing::Length(n) if n > limit.bytes => Err(too_large().into()),
+            Framing::Length(n) => {
+                self.continue_if_asked(head, n > 0)?;
+                let deadline = self.deadline_for(n);
+                let mut left = n as usize;
+                while left > 0 {
+                    if self.end == self.start {
+                        match self.fill(deadline) {
+                            Ok(0) => return Err(Fail::Gone),
+                            Ok(_) => {}
+                            Err(e) if is_timeout(&e) => {
+                                return Err(Refusal::new(408, "request body too slow").into());
+                            }
+                            Err(_) => return Err(Fail::Gone),
+                        }
+                    }
+                    let take = left.min(self.end - self.start);
+                    self.keep(&mut body, &mut held, take, deadline)?;
+                    left -= take;
                 }
+                Ok(())
             }
-        })?;
-
-        // return the request
-        Ok(request)
-    }
-}
-
-impl Iterator for ClientConnection {
-    type Item = Request;
-
-    /// Blocks until the next Request is available.
-    /// Returns None when no new Requests will come from the client.
-    fn next(&mut self) -> Option<Request> {
-        use crate::{Response, StatusCode};
-
-        // the client sent a "connection: close" header in this previous request
-        //  or is using HTTP 1.0, meaning that no new request will come
-        if self.no_more_requests {
-            return None;
+            Framing::Chunked => {
+                self.continue_if_asked(head, true)?;
+                let started = Instant::now();
+                let mut dec = Chunked::new(limit.bytes, self.limits.max_headers);
+                loop {
+                    let step = dec.step(&self.buf[self.start..self.end]).map_err(|r| {
+                        if r.status == 413 {
+                            too_large()
+                        } else {
+                            r
+                        }
+                    })?;
+                    let rate = self.limits.min_rate.max(1);
+                    let deadline = started
+                        + self.limits.head_timeout
+                        + Duration::from_millis(dec.received().saturating_mul(1000) / rate);
+                    match step {
+                        Step::More => match self.fill(deadline) {
+                            Ok(0) => return Err(Fail::Gone),
+                            Ok(_) => {}
+                            Err(e) if is_timeout(&e) => {
+                                return Err(Refusal::new(408, "request body too slow").into());
+                            }
+                            Err(_) => return Err(Fail::Gone),
+                        },
+                        Step::Skip(n) => self.start += n,
+                        Step::Data(n) => self.keep(&mut body, &mut held, n, deadline)?,
+                        Step::Done(n) => {
+                            self.start += n;
+                            break;
+                        }
+                    }
+                }
+                Ok(())
+            }
+        };
+        match result {
+            Ok(()) => Ok((body, held)),
+            Err(e) => {
+                self.budget.give(held);
+                Err(e)
+            }
         }
+    }
 
+    /// Moves `n` buffered bytes into `body`, after taking room for them in the budget.
+    fn keep(&mut self, body: &mut Vec<u8>, held: &mut usize, n: usize, deadline: Instant) -> Result<(), Fail> {
+        if !self.budget.take(n, deadline) {
+            return Err(Refusal::new(503, "server busy: too many request bodies in memory; try again").into());
+        }
+        *held += n;
+        if body.try_reserve(n).is_err() {
+            return Err(Refusal::new(503, "server busy: out of memory for the request body").into());
+        }
+        body.extend_from_slice(&self.buf[self.start..self.start + n]);
+        self.start += n;
+        Ok(())
+    }
+
+    /// Sends `100 Continue` when the client waits for it and the body will be read.
+    fn continue_if_asked(&mut self, head: &Head, has_body: bool) -> Result<(), Fail> {
+        if head.expect_continue && has_body && self.end == self.start {
+            let deadline = self.deadline_for(0);
+            self.write_all(b"HTTP/1.1 100 Continue\r\n\r\n", deadline)
+                .map_err(|_| Fail::Gone)?;
+        }
+        Ok(())
+    }
+
+    /// Moves unconsumed bytes to the front of the buffer.
+    fn compact(&mut self) {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+    }
+
+    /// Reads more bytes into the buffer, waiting at most until `deadline`.
+    fn fill(&mut self, deadline: Instant) -> std::io::Result<usize> {
+        if self.end == self.buf.len() {
+            self.compact();
+        }
         loop {
-            let rq = match self.read() {
-                Err(ReadError::WrongRequestLine) => {
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(400));
-                    response
-                        .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                        .ok();
-                    return None; // we don't know where the next request would start,
-                                 // se we have to close
-                }
-
-                Err(ReadError::HeadTooLarge(ver)) => {
-                    // EdgeFaaS patch: 431, then close (the rest of the head is unread).
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::from_string("request head too large\n")
-                        .with_status_code(StatusCode(431));
-                    response.raw_print(writer, ver, &[], false, None).ok();
-                    return None;
-                }
-
-                Err(ReadError::WrongHeader(ver)) => {
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(400));
-                    response.raw_print(writer, ver, &[], false, None).ok();
-                    return None; // we don't know where the next request would start,
-                                 // se we have to close
-                }
-
-                Err(ReadError::ReadIoError(ref err)) if err.kind() == ErrorKind::TimedOut => {
-                    // request timeout
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(408));
-                    response
-                        .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                        .ok();
-                    return None; // closing the connection
-                }
-
-                Err(ReadError::ExpectationFailed(ver)) => {
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(417));
-                    response.raw_print(writer, ver, &[], true, None).ok();
-                    return None; // TODO: should be recoverable, but needs handling in case of body
-                }
-
-                Err(ReadError::ReadIoError(ref err)) if err.kind() == ErrorKind::InvalidInput => {
-                    // EdgeFaaS patch: a head that is not ASCII gets a 400, not a silent close.
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(400));
-                    response
-                        .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                        .ok();
-                    return None;
-                }
-
-                Err(ReadError::ReadIoError(_)) => return None,
-
-                Ok(rq) => rq,
-            };
-
-            // checking HTTP version
-            if *rq.http_version() > (1, 1) {
-                let writer = self.sink.next().unwrap();
-                let response = Response::from_string(
-                    "This server only supports HTTP versions 1.0 and 1.1".to_owned(),
-                )
-                .with_status_code(StatusCode(505));
-                response
-                    .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                    .ok();
-                continue;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ErrorKind::TimedOut.into());
             }
-
-            // updating the status of the connection
-            let connection_header = rq
-                .headers()
-                .iter()
-                .find(|h| h.field.equiv("Connection"))
-                .map(|h| h.value.as_str());
-
-            let lowercase = connection_header.map(|h| h.to_ascii_lowercase());
-
-            match lowercase {
-                Some(ref val) if val.contains("close") => self.no_more_requests = true,
-                Some(ref val) if val.contains("upgrade") => self.no_more_requests = true,
-                Some(ref val)
-                    if !val.contains("keep-alive") && *rq.http_version() == HTTPVersion(1, 0) =>
-                {
-                    self.no_more_requests = true
+            self.sock.set_read_timeout(Some(left))?;
+            match self.sock.read(&mut self.buf[self.end..]) {
+                Ok(n) => {
+                    self.end += n;
+                    return Ok(n);
                 }
-                None if *rq.http_version() == HTTPVersion(1, 0) => self.no_more_requests = true,
-                _ => (),
-            };
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
 
-            // returning the request
-            return Some(rq);
+    /// Writes all of `bytes`, failing once `deadline` passes.
+    fn write_all(&mut self, mut bytes: &[u8], deadline: Instant) -> std::io::Result<()> {
+        while !bytes.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ErrorKind::TimedOut.into());
+            }
+            self.sock.set_write_timeout(Some(left))?;
+            match self.sock.write(bytes) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(n) => bytes = &bytes[n..],
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Answers a request that will not be served, then closes.
+    fn refuse(mut self, r: Refusal) {
+        log::debug!("refusing a request from {}: {} {}", crate::peer(self.remote), r.status, r.message);
+        let text = if r.message.is_empty() {
+            StatusCode(r.status).default_reason_phrase().to_string()
+        } else {
+            r.message
+        };
+        let response = Response::from_string(format!("{text}\n")).with_status_code(r.status);
+        if let Ok(bytes) = response.boxed().serialize(&HTTPVersion(1, 1), false, true) {
+            let deadline = self.deadline_for(bytes.len() as u64);
+            let _ = self.write_all(&bytes, deadline);
+        }
+        self.linger();
+    }
+
+    /// Closes after an answer: stops sending, then reads (and drops) what the
+    /// client still sends for a moment, so the close does not reset the
+    /// connection before the client has read the answer.
+    fn linger(mut self) {
+        let _ = self.sock.shutdown(Shutdown::Write);
+        let deadline = Instant::now() + LINGER_TIME;
+        let mut drained = 0;
+        while drained < LINGER_BYTES {
+            self.start = 0;
+            self.end = 0;
+            match self.fill(deadline) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
         }
     }
 }
 
-/// Parses a "HTTP/1.1" string.
-fn parse_http_version(version: &str) -> Result<HTTPVersion, ReadError> {
-    let (major, minor) = match version {
-        "HTTP/0.9" => (0, 9),
-        "HTTP/1.0" => (1, 0),
-        "HTTP/1.1" => (1, 1),
-        "HTTP/2.0" => (2, 0),
-        "HTTP/3.0" => (3, 0),
-        _ => return Err(ReadError::WrongRequestLine),
-    };
-
-    Ok(HTTPVersion(major, minor))
-}
-
-/// Parses the request line of the request.
-/// eg. GET / HTTP/1.1
-fn parse_request_line(line: &str) -> Result<(Method, String, HTTPVersion), ReadError> {
-    let mut parts = line.split(' ');
-
-    let method = parts.next().and_then(|w| w.parse().ok());
-    let path = parts.next().map(ToOwned::to_owned);
-    let version = parts.next().and_then(|w| parse_http_version(w).ok());
-
-    method
-        .and_then(|method| Some((method, path?, version?)))
-        .ok_or(ReadError::WrongRequestLine)
-}
-
-#[cfg(test)]
-mod test {
-    #[test]
-    fn test_parse_request_line() {
-        let (method, path, ver) = super::parse_request_line("GET /hello HTTP/1.1").unwrap();
-
-        assert!(method == crate::Method::Get);
-        assert!(path == "/hello");
-        assert!(ver == crate::common::HTTPVersion(1, 1));
-
-        assert!(super::parse_request_line("GET /hello").is_err());
-        assert!(super::parse_request_line("qsd qsd qsd").is_err());
-    }
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock)
 }

@@ -168,6 +168,15 @@ impl Header {
         B1: Into<Vec<u8>> + AsRef<[u8]>,
         B2: Into<Vec<u8>> + AsRef<[u8]>,
     {
+        // EdgeFaaS patch: a name must be an RFC 9110 token and a value may hold no
+        // control character but HTAB, so no header can add a line to a response.
+        let token = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+        if header.as_ref().is_empty() || !header.as_ref().iter().all(token) {
+            return Err(());
+        }
+        if !value.as_ref().iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)) {
+            return Err(());
+        }
         let header = HeaderField::from_bytes(header).or(Err(()))?;
         let value = AsciiString::from_ascii(value).or(Err(()))?;
 

@@ -1,6 +1,5 @@
-use crate::common::{HTTPVersion, Header, StatusCode};
+use crate::common::{HTTPVersion, Header, HeaderField, StatusCode};
 use httpdate::HttpDate;
-use std::cmp::Ordering;
 use std::sync::mpsc::Receiver;
 
 use std::io::Result as IoResult;
@@ -8,7 +7,6 @@ use std::io::{self, Cursor, Read, Write};
 
 use std::fs::File;
 
-use std::str::FromStr;
 use std::time::SystemTime;
 
 /// Object representing an HTTP response whose purpose is to be given to a `Request`.
@@ -27,10 +25,8 @@ use std::time::SystemTime;
 ///     will assume that the data from the `Read` object has the specified encoding
 ///     and will just pass-through.
 ///
-///  - `Content-Length`: The length of the data should be set manually
-///     using the `Reponse` object's API. Attempting to set the value of this
-///     header will be equivalent to modifying the size of the data but the header
-///     itself may not be present in the final result.
+///  - `Content-Length`: always the data's own length; a header set by hand is
+///     ignored (EdgeFaaS patch).
 ///
 ///  - `Content-Type`: You may only set this header to one value at a time. If you
 ///     try to set it more than once, the existing value will be overwritten. This
@@ -42,38 +38,19 @@ pub struct Response<R> {
     status_code: StatusCode,
     headers: Vec<Header>,
     data_length: Option<usize>,
-    chunked_threshold: Option<usize>,
 }
 
 /// A `Response` without a template parameter.
 pub type ResponseBox = Response<Box<dyn Read + Send>>;
 
-/// Transfer encoding to use when sending the message.
-/// Note that only *supported* encoding are listed here.
-#[derive(Copy, Clone)]
-enum TransferEncoding {
-    Identity,
-    Chunked,
-}
-
-impl FromStr for TransferEncoding {
-    type Err = ();
-
-    fn from_str(input: &str) -> Result<TransferEncoding, ()> {
-        if input.eq_ignore_ascii_case("identity") {
-            Ok(TransferEncoding::Identity)
-        } else if input.eq_ignore_ascii_case("chunked") {
-            Ok(TransferEncoding::Chunked)
-        } else {
-            Err(())
-        }
-    }
-}
-
 /// Builds a Date: header with the current date.
 fn build_date_header() -> Header {
     let d = HttpDate::from(SystemTime::now());
-    Header::from_bytes(&b"Date"[..], &d.to_string().into_bytes()[..]).unwrap()
+    Header {
+        field: HeaderField::from_bytes(&b"Date"[..]).expect("ASCII literal"),
+        // An HTTP date is always ASCII.
+        value: ascii::AsciiString::from_ascii(d.to_string()).unwrap_or_default(),
+    }
 }
 
 fn write_message_header<W>(
@@ -109,80 +86,6 @@ where
     Ok(())
 }
 
-fn choose_transfer_encoding(
-    status_code: StatusCode,
-    request_headers: &[Header],
-    http_version: &HTTPVersion,
-    entity_length: &Option<usize>,
-    has_additional_headers: bool,
-    chunked_threshold: usize,
-) -> TransferEncoding {
-    use crate::util;
-
-    // HTTP 1.0 doesn't support other encoding
-    if *http_version <= (1, 0) {
-        return TransferEncoding::Identity;
-    }
-
-    // Per section 3.3.1 of RFC7230:
-    // A server MUST NOT send a Transfer-Encoding header field in any response with a status code
-    // of 1xx (Informational) or 204 (No Content).
-    if status_code.0 < 200 || status_code.0 == 204 {
-        return TransferEncoding::Identity;
-    }
-
-    // parsing the request's TE header
-    let user_request = request_headers
-        .iter()
-        // finding TE
-        .find(|h| h.field.equiv("TE"))
-        // getting its value
-        .map(|h| h.value.clone())
-        // getting the corresponding TransferEncoding
-        .and_then(|value| {
-            // getting list of requested elements
-            let mut parse = util::parse_header_value(value.as_str()); // TODO: remove conversion
-
-            // sorting elements by most priority
-            parse.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(Ordering::Equal));
-
-            // trying to parse each requested encoding
-            for value in parse.iter() {
-                // q=0 are ignored
-                if value.1 <= 0.0 {
-                    continue;
-                }
-
-                if let Ok(te) = TransferEncoding::from_str(value.0) {
-                    return Some(te);
-                }
-            }
-
-            // encoding not found
-            None
-        });
-
-    if let Some(user_request) = user_request {
-        return user_request;
-    }
-
-    // if we have additional headers, using chunked
-    if has_additional_headers {
-        return TransferEncoding::Chunked;
-    }
-
-    // if we don't have a Content-Length, or if the Content-Length is too big, using chunks writer
-    if entity_length
-        .as_ref()
-        .map_or(true, |val| *val >= chunked_threshold)
-    {
-        return TransferEncoding::Chunked;
-    }
-
-    // Identity by default
-    TransferEncoding::Identity
-}
-
 impl<R> Response<R>
 where
     R: Read,
@@ -205,7 +108,6 @@ where
             status_code,
             headers: Vec::with_capacity(16),
             data_length,
-            chunked_threshold: None,
         };
 
         for h in headers {
@@ -222,28 +124,11 @@ where
         response
     }
 
-    /// Set a threshold for `Content-Length` where we chose chunked
-    /// transfer. Notice that chunked transfer might happen regardless of
-    /// this threshold, for instance when the request headers indicate
-    /// it is wanted or when there is no `Content-Length`.
-    pub fn with_chunked_threshold(mut self, length: usize) -> Response<R> {
-        self.chunked_threshold = Some(length);
-        self
-    }
-
     /// Convert the response into the underlying `Read` type.
     ///
     /// This is mainly useful for testing as it must consume the `Response`.
     pub fn into_reader(self) -> R {
         self.reader
-    }
-
-    /// The current `Content-Length` threshold for switching over to
-    /// chunked transfer. The default is 32768 bytes. Notice that
-    /// chunked transfer is mutually exclusive with sending a
-    /// `Content-Length` header as per the HTTP spec.
-    pub fn chunked_threshold(&self) -> usize {
-        self.chunked_threshold.unwrap_or(32768)
     }
 
     /// Adds a header to the list.
@@ -259,16 +144,18 @@ where
             || header.field.equiv("Trailer")
             || header.field.equiv("Transfer-Encoding")
             || header.field.equiv("Upgrade")
+            || header.field.equiv("Keep-Alive")
+            || header.field.equiv("Proxy-Connection")
+            || header.field.equiv("TE")
         {
             return;
         }
 
-        // if the header is Content-Length, setting the data length
+        // EdgeFaaS patch: upstream let a Content-Length header set the framing of
+        // the answer while the whole body was still written, so one answer could
+        // spill into the next on a kept-alive connection. The length is always the
+        // data's own; the header is ignored.
         if header.field.equiv("Content-Length") {
-            if let Ok(val) = usize::from_str(header.value.as_str()) {
-                self.data_length = Some(val)
-            }
-
             return;
         // if the header is Content-Type and it's already set, overwrite it
         } else if header.field.equiv("Content-Type") {
@@ -318,139 +205,54 @@ where
             headers: self.headers,
             status_code: self.status_code,
             data_length,
-            chunked_threshold: self.chunked_threshold,
         }
     }
 
-    /// Prints the HTTP response to a writer.
-    ///
-    /// This function is the one used to send the response to the client's socket.
-    /// Therefore you shouldn't expect anything pretty-printed or even readable.
-    ///
-    /// The HTTP version and headers passed as arguments are used to
-    ///  decide which features (most notably, encoding) to use.
-    ///
-    /// Note: does not flush the writer.
-    pub fn raw_print<W: Write>(
+    /// EdgeFaaS patch: the whole answer as bytes, framed by `Content-Length`
+    /// (the data's real length), for the connection's thread to write at once.
+    /// `head`: a HEAD request (headers only). `close`: the connection closes
+    /// after this answer. Upstream's `raw_print` chose chunked coding from the
+    /// request's `TE`, and wrote whatever length a header claimed.
+    pub(crate) fn serialize(
         mut self,
-        mut writer: W,
-        http_version: HTTPVersion,
-        request_headers: &[Header],
-        do_not_send_body: bool,
-        upgrade: Option<&str>,
-    ) -> IoResult<()> {
-        let mut transfer_encoding = Some(choose_transfer_encoding(
-            self.status_code,
-            request_headers,
-            &http_version,
-            &self.data_length,
-            false, /* TODO */
-            self.chunked_threshold(),
-        ));
-
-        // add `Date` if not in the headers
+        http_version: &HTTPVersion,
+        head: bool,
+        close: bool,
+    ) -> IoResult<Vec<u8>> {
+        let mut body = Vec::new();
+        self.reader.read_to_end(&mut body)?;
+        // status code 1xx, 204 and 304 MUST not include a body
+        let bodiless = matches!(self.status_code.0, 100..=199 | 204 | 304);
         if !self.headers.iter().any(|h| h.field.equiv("Date")) {
             self.headers.insert(0, build_date_header());
         }
-
-        // add `Server` if not in the headers
         if !self.headers.iter().any(|h| h.field.equiv("Server")) {
-            self.headers.insert(
-                0,
-                Header::from_bytes(&b"Server"[..], &b"tiny-http (Rust)"[..]).unwrap(),
-            );
-        }
-
-        // handling upgrade
-        if let Some(upgrade) = upgrade {
-            self.headers.insert(
-                0,
-                Header::from_bytes(&b"Upgrade"[..], upgrade.as_bytes()).unwrap(),
-            );
-            self.headers.insert(
-                0,
-                Header::from_bytes(&b"Connection"[..], &b"upgrade"[..]).unwrap(),
-            );
-            transfer_encoding = None;
-        }
-
-        // if the transfer encoding is identity, the content length must be known ; therefore if
-        // we don't know it, we buffer the entire response first here
-        // while this is an expensive operation, it is only ever needed for clients using HTTP 1.0
-        let (mut reader, data_length): (Box<dyn Read>, _) =
-            match (self.data_length, transfer_encoding) {
-                (Some(l), _) => (Box::new(self.reader), Some(l)),
-                (None, Some(TransferEncoding::Identity)) => {
-                    let mut buf = Vec::new();
-                    self.reader.read_to_end(&mut buf)?;
-                    let l = buf.len();
-                    (Box::new(Cursor::new(buf)), Some(l))
-                }
-                _ => (Box::new(self.reader), None),
-            };
-
-        // checking whether to ignore the body of the response
-        let do_not_send_body = do_not_send_body
-            || match self.status_code.0 {
-                // status code 1xx, 204 and 304 MUST not include a body
-                100..=199 | 204 | 304 => true,
-                _ => false,
-            };
-
-        // preparing headers for transfer
-        match transfer_encoding {
-            Some(TransferEncoding::Chunked) => self
-                .headers
-                .push(Header::from_bytes(&b"Transfer-Encoding"[..], &b"chunked"[..]).unwrap()),
-
-            Some(TransferEncoding::Identity) => {
-                assert!(data_length.is_some());
-                let data_length = data_length.unwrap();
-
-                self.headers.push(
-                    Header::from_bytes(
-                        &b"Content-Length"[..],
-                        format!("{}", data_length).as_bytes(),
-                    )
-                    .unwrap(),
-                )
+            if let Ok(server) = Header::from_bytes(&b"Server"[..], &b"edgefaas"[..]) {
+                self.headers.insert(0, server);
             }
-
-            _ => (),
+        }
+        if !matches!(self.status_code.0, 100..=199 | 204) {
+            let length = if bodiless { 0 } else { body.len() };
+            if let Ok(h) = Header::from_bytes(&b"Content-Length"[..], length.to_string()) {
+                self.headers.push(h);
+            }
+        }
+        let connection: &[u8] = match (close, *http_version < HTTPVersion(1, 1)) {
+            (true, _) => b"close",
+            (false, true) => b"keep-alive",
+            (false, false) => b"",
         };
-
-        // sending headers
-        write_message_header(
-            writer.by_ref(),
-            &http_version,
-            &self.status_code,
-            &self.headers,
-        )?;
-
-        // sending the body
-        if !do_not_send_body {
-            match transfer_encoding {
-                Some(TransferEncoding::Chunked) => {
-                    use chunked_transfer::Encoder;
-
-                    let mut writer = Encoder::new(writer);
-                    io::copy(&mut reader, &mut writer)?;
-                }
-
-                Some(TransferEncoding::Identity) => {
-                    assert!(data_length.is_some());
-                    let data_length = data_length.unwrap();
-
-                    if data_length >= 1 {
-                        io::copy(&mut reader, &mut writer)?;
-                    }
-                }
-
-                _ => (),
+        if !connection.is_empty() {
+            if let Ok(h) = Header::from_bytes(&b"Connection"[..], connection) {
+                self.headers.push(h);
             }
         }
-
-        Ok(())
+        let mut out = Vec::with_capacity(256 + body.len());
+        write_message_header(&mut out, &HTTPVersion(1, 1), &self.status_code, &self.headers)?;
+        if !head && !bodiless {
+            out.extend_from_slice(&body);
+        }
+        Ok(out)
     }
 
     /// Retrieves the current value of the `Response` status code
@@ -480,7 +282,6 @@ where
             status_code: self.status_code,
             headers: self.headers,
             data_length: self.data_length,
-            chunked_threshold: self.chunked_threshold,
         }
     }
 }
@@ -568,7 +369,6 @@ impl Clone for Response<io::Empty> {
             status_code: self.status_code,
             headers: self.headers.clone(),
             data_length: self.data_length,
-            chunked_threshold: self.chunked_threshold,
         }
     }
 }

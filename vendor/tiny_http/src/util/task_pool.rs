@@ -1,142 +1,139 @@
+//! The threads that serve connections: one per open connection, kept for a
+//! while when idle so a new connection rarely pays for a thread start.
+//!
+//! EdgeFaaS patch: upstream spawned with `thread::spawn` (a panic when no
+//! thread can be made, e.g. under a pids limit) and took boxed closures; here a
+//! failed spawn hands the connection back so the accept loop can answer 503.
+
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::SocketAddr;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::Duration;
 
-/// Manages a collection of threads.
-///
-/// A new thread is created every time all the existing threads are full.
-/// Any idle thread will automatically die after a few seconds.
-pub struct TaskPool {
+use crate::connection::Connection;
+use crate::LiveConnection;
+
+/// What a pool thread does with one accepted connection.
+pub(crate) type Serve = Arc<dyn Fn(Connection, Option<SocketAddr>, LiveConnection) + Send + Sync>;
+
+type Job = (Connection, Option<SocketAddr>, LiveConnection);
+
+/// Idle threads wait this long for a new connection before they exit.
+const IDLE: Duration = Duration::from_secs(5);
+/// Threads kept even when idle.
+const MIN_THREADS: usize = 4;
+
+pub(crate) struct TaskPool {
     sharing: Arc<Sharing>,
+    serve: Serve,
+    stack: usize,
 }
 
 struct Sharing {
-    // list of the tasks to be done by worker threads
-    todo: Mutex<VecDeque<Box<dyn FnMut() + Send>>>,
-
-    // condvar that will be notified whenever a task is added to `todo`
+    state: Mutex<State>,
     condvar: Condvar,
-
-    // number of total worker threads running
-    active_tasks: AtomicUsize,
-
-    // number of idle worker threads
-    waiting_tasks: AtomicUsize,
 }
 
-/// Minimum number of active threads.
-static MIN_THREADS: usize = 4;
-
-struct Registration<'a> {
-    nb: &'a AtomicUsize,
-}
-
-impl<'a> Registration<'a> {
-    fn new(nb: &'a AtomicUsize) -> Registration<'a> {
-        nb.fetch_add(1, Ordering::Release);
-        Registration { nb }
-    }
-}
-
-impl<'a> Drop for Registration<'a> {
-    fn drop(&mut self) {
-        self.nb.fetch_sub(1, Ordering::Release);
-    }
+#[derive(Default)]
+struct State {
+    todo: VecDeque<Job>,
+    threads: usize,
+    idle: usize,
 }
 
 impl TaskPool {
-    pub fn new() -> TaskPool {
-        let pool = TaskPool {
+    pub(crate) fn new(serve: Serve, stack: usize) -> TaskPool {
+        TaskPool {
             sharing: Arc::new(Sharing {
-                todo: Mutex::new(VecDeque::new()),
+                state: Mutex::default(),
                 condvar: Condvar::new(),
-                active_tasks: AtomicUsize::new(0),
-                waiting_tasks: AtomicUsize::new(0),
             }),
-        };
-
-        for _ in 0..MIN_THREADS {
-            pool.add_thread(None)
+            serve,
+            stack,
         }
-
-        pool
     }
 
-    /// Executes a function in a thread.
-    /// If no thread is available, spawns a new one.
-    pub fn spawn(&self, code: Box<dyn FnMut() + Send>) {
-        let mut queue = self.sharing.todo.lock().unwrap();
-
-        // EdgeFaaS patch: upstream queued the task whenever any thread was waiting,
-        // so two connections arriving together could both be queued for one idle
-        // thread; the second then waited until some other connection closed (with
-        // keep-alive clients, indefinitely). Queue only if a waiting thread is free
-        // for this task too.
-        if self.sharing.waiting_tasks.load(Ordering::Acquire) <= queue.len() {
-            self.add_thread(Some(code));
-        } else {
-            queue.push_back(code);
+    /// Serves a connection on an idle thread, or on a new one; gives the
+    /// connection back if no thread can be had.
+    pub(crate) fn spawn(
+        &self,
+        sock: Connection,
+        remote: Option<SocketAddr>,
+        live: LiveConnection,
+    ) -> Result<(), (std::io::Error, Connection)> {
+        let mut state = self.sharing.state.lock().unwrap_or_else(|p| p.into_inner());
+        // EdgeFaaS patch: queue only if an idle thread is free for this job too
+        // (upstream could queue two jobs for one idle thread; the second waited
+        // until some other connection closed).
+        if state.idle > state.todo.len() {
+            state.todo.push_back((sock, remote, live));
             self.sharing.condvar.notify_one();
+            return Ok(());
         }
-    }
-
-    fn add_thread(&self, initial_fn: Option<Box<dyn FnMut() + Send>>) {
-        let sharing = self.sharing.clone();
-
-        thread::spawn(move || {
-            let sharing = sharing;
-            let _active_guard = Registration::new(&sharing.active_tasks);
-
-            if let Some(mut f) = initial_fn {
-                f();
+        let (sharing, serve) = (self.sharing.clone(), self.serve.clone());
+        let first = Mutex::new(Some((sock, remote, live)));
+        let first = Arc::new(first);
+        let theirs = first.clone();
+        let spawned = thread::Builder::new()
+            .name("connection".into())
+            .stack_size(self.stack)
+            .spawn(move || {
+                let job = theirs.lock().unwrap_or_else(|p| p.into_inner()).take();
+                drop(theirs);
+                work(&sharing, &serve, job);
+            });
+        match spawned {
+            Ok(_) => {
+                state.threads += 1;
+                Ok(())
             }
-
-            loop {
-                let mut task: Box<dyn FnMut() + Send> = {
-                    let mut todo = sharing.todo.lock().unwrap();
-
-                    let task;
-                    loop {
-                        if let Some(poped_task) = todo.pop_front() {
-                            task = poped_task;
-                            break;
-                        }
-                        let _waiting_guard = Registration::new(&sharing.waiting_tasks);
-
-                        let received =
-                            if sharing.active_tasks.load(Ordering::Acquire) <= MIN_THREADS {
-                                todo = sharing.condvar.wait(todo).unwrap();
-                                true
-                            } else {
-                                let (new_lock, waitres) = sharing
-                                    .condvar
-                                    .wait_timeout(todo, Duration::from_millis(5000))
-                                    .unwrap();
-                                todo = new_lock;
-                                !waitres.timed_out()
-                            };
-
-                        if !received && todo.is_empty() {
-                            return;
-                        }
-                    }
-
-                    task
-                };
-
-                task();
+            Err(e) => {
+                let job = first.lock().unwrap_or_else(|p| p.into_inner()).take();
+                match job {
+                    Some((sock, _, _)) => Err((e, sock)),
+                    None => Ok(()),
+                }
             }
-        });
+        }
     }
 }
 
-impl Drop for TaskPool {
-    fn drop(&mut self) {
-        self.sharing
-            .active_tasks
-            .store(999_999_999, Ordering::Release);
-        self.sharing.condvar.notify_all();
+fn work(sharing: &Sharing, serve: &Serve, mut job: Option<Job>) {
+    loop {
+        if let Some((sock, remote, live)) = job.take() {
+            serve(sock, remote, live);
+        }
+        let mut state = sharing.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.idle += 1;
+        loop {
+            if let Some(next) = state.todo.pop_front() {
+                job = Some(next);
+                break;
+            }
+            let keep = state.threads <= MIN_THREADS;
+            let (s, waited) = if keep {
+                (
+                    sharing
+                        .condvar
+                        .wait(state)
+                        .unwrap_or_else(|p| p.into_inner()),
+                    false,
+                )
+            } else {
+                let (s, w) = sharing
+                    .condvar
+                    .wait_timeout(state, IDLE)
+                    .unwrap_or_else(|p| p.into_inner());
+                (s, w.timed_out())
+            };
+            state = s;
+            if waited && state.todo.is_empty() {
+                state.idle -= 1;
+                state.threads -= 1;
+                return;
+            }
+        }
+        state.idle -= 1;
     }
 }
