@@ -8,11 +8,14 @@ mod support;
 
 mod abuse;
 mod faults;
+mod front;
 mod hostile;
 mod invoke;
 mod lifecycle;
 mod mgmt;
 mod observe;
+mod overload;
+mod proxy;
 mod sourcedir;
 mod transcript;
 mod zygote;

@@ -34,6 +34,26 @@ impl Client {
         panic!("{method} {path}: connection kept failing");
     }
 
+    /// One attempt: connects if needed; an error drops the connection (the next call reconnects).
+    pub fn send_once(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> std::io::Result<(u16, Vec<u8>)> {
+        if self.conn.is_none() {
+            let s = TcpStream::connect(("127.0.0.1", self.port))?;
+            s.set_read_timeout(Some(Duration::from_secs(30)))?;
+            s.set_nodelay(true)?;
+            self.conn = Some(BufReader::new(s));
+        }
+        let r = self.try_send(method, path, body);
+        if r.is_err() {
+            self.conn = None;
+        }
+        r
+    }
+
     fn try_send(
         &mut self,
         method: &str,

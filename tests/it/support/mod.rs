@@ -57,8 +57,38 @@ pub struct Daemon {
     pub port: u16,
     pub dir: PathBuf,
     pub env: Vec<(String, String)>,
+    /// Runs the daemon as this uid (through setpriv) when the tests run as root.
+    pub uid: Option<u32>,
     log: PathBuf,
     _scratch: TempDir,
+}
+
+/// The effective uid of this test process.
+pub fn euid() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(u32::MAX)
+}
+
+/// A uid no other test process uses at the same time (for per-uid limits).
+pub fn spare_uid() -> u32 {
+    static N: AtomicU64 = AtomicU64::new(0);
+    40_000 + (std::process::id() % 5_000) * 4 + N.fetch_add(1, Ordering::Relaxed) as u32 % 4
+}
+
+/// Gives `path` and everything under it to `uid`.
+pub fn chown_tree(path: &Path, uid: u32) {
+    let _ = std::os::unix::fs::chown(path, Some(uid), Some(uid));
+    if path.is_dir() {
+        for e in std::fs::read_dir(path).into_iter().flatten().flatten() {
+            chown_tree(&e.path(), uid);
+        }
+    }
 }
 
 /// How to run the binary: EDGEFAAS_BIN (e.g. an ARM build) with an optional
@@ -96,8 +126,30 @@ impl Daemon {
         Daemon::start_in(scratch, dir, env)
     }
 
+    /// Starts a daemon that does not run as root: as a spare uid through
+    /// `setpriv` when the tests run as root, else as the tests' own user.
+    pub fn start_unprivileged(env: &[(&str, &str)]) -> Daemon {
+        let scratch = TempDir::new("daemon");
+        let dir = scratch.path().join("function");
+        let uid = (euid() == 0).then(spare_uid);
+        if let Some(uid) = uid {
+            std::fs::create_dir_all(&dir).unwrap();
+            chown_tree(scratch.path(), uid);
+        }
+        Daemon::launch_new(scratch, dir, env, uid)
+    }
+
     /// Starts a daemon over an existing functions dir (for restart tests).
     pub fn start_in(scratch: TempDir, dir: PathBuf, env: &[(&str, &str)]) -> Daemon {
+        Daemon::launch_new(scratch, dir, env, None)
+    }
+
+    fn launch_new(
+        scratch: TempDir,
+        dir: PathBuf,
+        env: &[(&str, &str)],
+        uid: Option<u32>,
+    ) -> Daemon {
         let env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -107,6 +159,7 @@ impl Daemon {
             port: 0,
             dir,
             env,
+            uid,
             log: scratch.path().join("daemon.log"),
             _scratch: scratch,
         };
@@ -138,7 +191,20 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let mut cmd = command();
+        let mut cmd = match self.uid {
+            Some(uid) => {
+                let base = command();
+                let mut c = Command::new("setpriv");
+                c.arg(format!("--reuid={uid}"))
+                    .arg(format!("--regid={uid}"))
+                    .arg("--clear-groups")
+                    .arg("--")
+                    .arg(base.get_program())
+                    .args(base.get_args());
+                c
+            }
+            None => command(),
+        };
         cmd.env("EDGEFAAS_PORT", self.port.to_string())
             .env("EDGEFAAS_BIND", "127.0.0.1")
             .env("EDGEFAAS_FUNCTIONS_DIR", &self.dir)
