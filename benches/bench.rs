@@ -1,86 +1,141 @@
-//! `make bench`: fork mode against exec mode on loopback, in one run.
+//! `make bench`: every engine against the same loopback load, in one run.
 //!
-//! For each mode: sequential latency of `echo` (p50/p99 over BENCH_REQUESTS,
-//! default 500) and throughput at 8 keep-alive clients for BENCH_SECONDS
-//! (default 10). Then the memory of the daemon plus its zygotes with 1 and with
-//! 20 warm functions (RSS and PSS from /proc/<pid>/smaps_rollup).
-//! Uses EDGEFAAS_PYTHON, else /usr/bin/python3, else python3.
+//! Engines: fork mode and exec mode with the default settings, and as the
+//! ceiling a bare persistent Python HTTP server the bench starts itself (stdlib,
+//! keep-alive, TCP_NODELAY: no isolation and no daemon, so the ratio to it is the
+//! whole cost of a fresh process per request). For each: sequential latency of
+//! `echo` (p50/p99 over BENCH_REQUESTS, default 500) and, at 8, 32 and 64
+//! keep-alive clients (BENCH_CLIENTS), 2xx answers per second and non-2xx
+//! counts over BENCH_SECONDS each (default 10). Then, in fork mode: the first
+//! call after an install (median of 20 fresh functions), PSS per extra warm
+//! function, and CPU time per request by process.
+//!
+//! EDGEFAAS_BIN benches another build (e.g. the previous release, for a
+//! before/after in one sitting); EDGEFAAS_PYTHON, else /usr/bin/python3.
 
 #[path = "../tests/it/support/keepalive.rs"]
 mod keepalive;
 
 use std::net::TcpStream;
-
-use keepalive::Client;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-const CLIENTS: usize = 8;
+use keepalive::Client;
 
 fn main() {
     let requests: usize = env_or("BENCH_REQUESTS", 500);
     let seconds: u64 = env_or("BENCH_SECONDS", 10);
-    let python = std::env::var("EDGEFAAS_PYTHON").unwrap_or_else(|_| {
-        if Path::new("/usr/bin/python3").exists() {
-            "/usr/bin/python3".into()
-        } else {
-            "python3".into()
-        }
-    });
+    let levels: Vec<usize> = std::env::var("BENCH_CLIENTS")
+        .unwrap_or_else(|_| "8,32,64".into())
+        .split(',')
+        .filter_map(|n| n.trim().parse().ok())
+        .collect();
+    let engines: Vec<String> = std::env::var("BENCH_ENGINES")
+        .unwrap_or_else(|_| "fork,exec,ceiling".into())
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    let python = python();
+    let bin = binary();
     println!(
-        "edgefaas bench: python {python}, {requests} sequential requests, {CLIENTS} clients x {seconds}s, {} cores",
+        "edgefaas bench: {}, python {python}, {requests} sequential requests, {levels:?} clients x {seconds}s, {} cores",
+        bin.display(),
         cores()
     );
 
     let mut rows = Vec::new();
-    for mode in ["fork", "exec"] {
-        let d = Daemon::start(mode, &python);
-        for _ in 0..20 {
-            d.post("/echo", b"warm-up");
+    for engine in &engines {
+        let server = match engine.as_str() {
+            "ceiling" => Server::ceiling(&python),
+            mode => Server::daemon(&bin, &python, &[("EDGEFAAS_MODE", mode)]),
+        };
+        for _ in 0..50 {
+            server.post("/echo", b"warm-up");
         }
-        let mut lat = sequential(&d, requests);
+        let mut lat = sequential(server.port, requests);
         lat.sort();
-        let (rps, errors) = throughput(&d, Duration::from_secs(seconds));
-        rows.push((mode, pct(&lat, 50.0), pct(&lat, 99.0), rps, errors));
+        let loads: Vec<(f64, u64)> = levels
+            .iter()
+            .map(|&c| throughput(server.port, c, Duration::from_secs(seconds)))
+            .collect();
+        rows.push((engine.clone(), pct(&lat, 50.0), pct(&lat, 99.0), loads));
     }
-    let (fork, exec) = (&rows[0], &rows[1]);
     println!();
-    println!("| mode | p50 latency | p99 latency | throughput ({CLIENTS} clients) | non-200 |");
-    println!("| --- | --- | --- | --- | --- |");
-    for (mode, p50, p99, rps, errors) in &rows {
-        println!(
-            "| {mode} | {:.2} ms | {:.2} ms | {rps:.0} req/s | {errors} |",
-            ms(*p50),
-            ms(*p99)
-        );
+    let mut header = "| engine | p50 | p99 |".to_string();
+    let mut rule = "| --- | --- | --- |".to_string();
+    for c in &levels {
+        header.push_str(&format!(" 2xx/s at {c} | non-2xx at {c} |"));
+        rule.push_str(" --- | --- |");
     }
-    println!(
-        "| exec / fork | {:.1}x | {:.1}x | fork {:.1}x exec | |",
-        ms(exec.1) / ms(fork.1),
-        ms(exec.2) / ms(fork.2),
-        fork.3 / exec.3
-    );
+    println!("{header}\n{rule}");
+    for (engine, p50, p99, loads) in &rows {
+        let mut line = format!("| {engine} | {:.2} ms | {:.2} ms |", ms(*p50), ms(*p99));
+        for (rps, bad) in loads {
+            line.push_str(&format!(" {rps:.0} | {bad} |"));
+        }
+        println!("{line}");
+    }
+    if let Some(ceiling) = rows.iter().find(|r| r.0 == "ceiling") {
+        for r in rows.iter().filter(|r| r.0 != "ceiling") {
+            let first = |r: &(String, Duration, Duration, Vec<(f64, u64)>)| {
+                r.3.first().map_or(0.0, |l| l.0)
+            };
+            println!(
+                "{} / ceiling: p50 {:.1}x, 2xx/s at {} clients {:.2}x",
+                r.0,
+                ms(r.1) / ms(ceiling.1),
+                levels.first().copied().unwrap_or(0),
+                first(r) / first(ceiling).max(1.0)
+            );
+        }
+    }
 
-    println!();
-    let d = Daemon::start("fork", &python);
+    if engines.iter().any(|e| e == "fork") {
+        println!();
+        fork_extras(&bin, &python);
+    }
+}
+
+/// First call after install, memory per warm function and CPU per request, in fork mode.
+fn fork_extras(bin: &Path, python: &str) {
+    let d = Server::daemon(bin, python, &[("EDGEFAAS_MODE", "fork")]);
+    d.post("/echo", b"warm");
     let source = "def handle(req):\n    return req\n";
+    let mut firsts = Vec::new();
     for i in 0..20 {
+        let name = format!("first{i:02}");
+        d.put(&format!("/mgmt/{name}"), source.as_bytes());
+        let started = Instant::now();
+        d.post(&format!("/{name}"), b"x");
+        firsts.push(started.elapsed());
+    }
+    firsts.sort();
+    println!(
+        "first call after install (median of 20 fresh functions): {:.2} ms (min {:.2}, max {:.2})",
+        ms(pct(&firsts, 50.0)),
+        ms(firsts[0]),
+        ms(firsts[firsts.len() - 1])
+    );
+    drop(d);
+
+    let d = Server::daemon(bin, python, &[("EDGEFAAS_MODE", "fork")]);
+    for i in 0..21 {
         d.put(&format!("/mgmt/f{i:02}"), source.as_bytes());
     }
     d.post("/f00", b"x");
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(500));
     let one = d.memory();
-    for i in 1..20 {
+    for i in 1..21 {
         d.post(&format!("/f{i:02}"), b"x");
     }
-    std::thread::sleep(Duration::from_millis(300));
-    let twenty = d.memory();
+    std::thread::sleep(Duration::from_millis(500));
+    let many = d.memory();
     println!("| warm functions | processes | RSS total | PSS total | daemon RSS |");
     println!("| --- | --- | --- | --- | --- |");
-    for (n, m) in [(1, &one), (20, &twenty)] {
+    for (n, m) in [(1, &one), (21, &many)] {
         println!(
             "| {n} | {} | {:.1} MB | {:.1} MB | {:.1} MB |",
             m.processes,
@@ -90,9 +145,26 @@ fn main() {
         );
     }
     println!(
-        "| each extra function | | {:.1} MB | {:.1} MB | |",
-        mb(twenty.rss_kb.saturating_sub(one.rss_kb)) / 19.0,
-        mb(twenty.pss_kb.saturating_sub(one.pss_kb)) / 19.0
+        "| each extra warm function | | {:.2} MB | {:.2} MB | |",
+        mb(many.rss_kb.saturating_sub(one.rss_kb)) / 20.0,
+        mb(many.pss_kb.saturating_sub(one.pss_kb)) / 20.0
+    );
+    drop(d);
+
+    let d = Server::daemon(bin, python, &[("EDGEFAAS_MODE", "fork")]);
+    for _ in 0..200 {
+        d.post("/echo", b"warm");
+    }
+    let n = 2000;
+    let before = d.cpu();
+    sequential(d.port, n);
+    let after = d.cpu();
+    let per = |a: f64, b: f64| (b - a) * 1e6 / n as f64;
+    println!(
+        "CPU per request (us, {n} sequential echo): daemon {:.0}, zygotes and base {:.0}, children {:.0}",
+        per(before.daemon, after.daemon),
+        per(before.warm, after.warm),
+        per(before.children, after.children)
     );
 }
 
@@ -101,6 +173,22 @@ fn env_or<T: std::str::FromStr>(var: &str, default: T) -> T {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+fn python() -> String {
+    std::env::var("EDGEFAAS_PYTHON").unwrap_or_else(|_| {
+        if Path::new("/usr/bin/python3").exists() {
+            "/usr/bin/python3".into()
+        } else {
+            "python3".into()
+        }
+    })
+}
+
+fn binary() -> PathBuf {
+    std::env::var("EDGEFAAS_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_BIN_EXE_edgefaas")))
 }
 
 fn cores() -> usize {
@@ -120,8 +208,8 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-fn sequential(d: &Daemon, n: usize) -> Vec<Duration> {
-    let mut c = Client::new(d.port);
+fn sequential(port: u16, n: usize) -> Vec<Duration> {
+    let mut c = Client::new(port);
     (0..n)
         .map(|i| {
             let t = Instant::now();
@@ -132,21 +220,25 @@ fn sequential(d: &Daemon, n: usize) -> Vec<Duration> {
         .collect()
 }
 
-/// Requests per second over `span` at CLIENTS keep-alive clients, and how many were not 200.
-fn throughput(d: &Daemon, span: Duration) -> (f64, u64) {
+/// 2xx answers per second over `span` at `clients` keep-alive clients, and how many were not 2xx.
+fn throughput(port: u16, clients: usize, span: Duration) -> (f64, u64) {
     let stop = Arc::new(AtomicBool::new(false));
-    let (done, bad) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (good, bad) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let started = Instant::now();
-    let threads: Vec<_> = (0..CLIENTS)
+    let threads: Vec<_> = (0..clients)
         .map(|_| {
-            let (stop, done, bad, port) = (stop.clone(), done.clone(), bad.clone(), d.port);
+            let (stop, good, bad) = (stop.clone(), good.clone(), bad.clone());
             std::thread::spawn(move || {
                 let mut c = Client::new(port);
                 while !stop.load(Ordering::Relaxed) {
-                    let (status, _) = c.send("POST", "/echo", b"hello");
-                    done.fetch_add(1, Ordering::Relaxed);
-                    if status != 200 {
-                        bad.fetch_add(1, Ordering::Relaxed);
+                    // A dropped connection counts as a failed answer, then the client reconnects.
+                    match c.send_once("POST", "/echo", b"hello") {
+                        Ok((status, _)) if (200..300).contains(&status) => {
+                            good.fetch_add(1, Ordering::Relaxed);
+                        }
+                        _ => {
+                            bad.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
             })
@@ -159,12 +251,12 @@ fn throughput(d: &Daemon, span: Duration) -> (f64, u64) {
     }
     let secs = started.elapsed().as_secs_f64();
     (
-        done.load(Ordering::Relaxed) as f64 / secs,
+        good.load(Ordering::Relaxed) as f64 / secs,
         bad.load(Ordering::Relaxed),
     )
 }
 
-/// Memory of the daemon and its children.
+/// Memory of the daemon and all its descendants.
 struct Memory {
     processes: usize,
     rss_kb: u64,
@@ -172,43 +264,134 @@ struct Memory {
     daemon_rss_kb: u64,
 }
 
-struct Daemon {
+/// CPU seconds: the daemon's own, its long-lived descendants' own, and what
+/// those reaped from their children (the per-request processes).
+struct Cpu {
+    daemon: f64,
+    warm: f64,
+    children: f64,
+}
+
+/// The parent pid and (utime, stime, cutime, cstime) in seconds, from /proc/<pid>/stat.
+fn stat(pid: u32) -> Option<(u32, [f64; 4])> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = text[text.rfind(')')? + 2..].split_whitespace().collect();
+    let tick = 100.0; // USER_HZ on Linux
+    let t = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / tick
+    };
+    Some((fields.get(1)?.parse().ok()?, [t(11), t(12), t(13), t(14)]))
+}
+
+/// Every descendant of `root`.
+fn descendants(root: u32) -> Vec<u32> {
+    let all: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter_map(|pid| Some((pid, stat(pid)?.0)))
+        .collect();
+    let mut out = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(p) = frontier.pop() {
+        for &(pid, ppid) in &all {
+            if ppid == p {
+                out.push(pid);
+                frontier.push(pid);
+            }
+        }
+    }
+    out
+}
+
+/// Something the bench sends requests to: the daemon, or the ceiling server.
+struct Server {
     child: Child,
     port: u16,
     dir: PathBuf,
 }
 
-impl Daemon {
-    fn start(mode: &str, python: &str) -> Daemon {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir =
-            std::env::temp_dir().join(format!("edgefaas-bench-{}-{mode}", std::process::id()));
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The ceiling: a persistent stdlib Python HTTP/1.1 echo server.
+const CEILING: &str = r#"
+import http.server, socket, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def do_POST(self):
+        n = int(self.headers.get("Content-Length", 0))
+        body = self.rfile.read(n) + b"\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+class S(http.server.ThreadingHTTPServer):
+    request_queue_size = 256
+    daemon_threads = True
+S(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+
+impl Server {
+    fn daemon(bin: &Path, python: &str, env: &[(&str, &str)]) -> Server {
+        let port = free_port();
+        static N: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "edgefaas-bench-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
         let _ = std::fs::remove_dir_all(&dir);
-        let child = Command::new(env!("CARGO_BIN_EXE_edgefaas"))
-            .env("EDGEFAAS_MODE", mode)
+        let child = Command::new(bin)
             .env("EDGEFAAS_PORT", port.to_string())
             .env("EDGEFAAS_BIND", "127.0.0.1")
             .env("EDGEFAAS_FUNCTIONS_DIR", &dir)
             .env("EDGEFAAS_PYTHON", python)
-            .env("EDGEFAAS_WORKERS", (CLIENTS + 2).to_string())
-            .env("EDGEFAAS_MAX_INFLIGHT", CLIENTS.to_string())
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start edgefaas");
-        let d = Daemon { child, port, dir };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        Server::ready(child, port, dir)
+    }
+
+    fn ceiling(python: &str) -> Server {
+        let port = free_port();
+        let child = Command::new(python)
+            .args(["-c", CEILING, &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the ceiling server");
+        Server::ready(child, port, PathBuf::new())
+    }
+
+    fn ready(child: Child, port: u16, dir: PathBuf) -> Server {
+        let s = Server { child, port, dir };
+        let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "daemon did not start");
+            assert!(Instant::now() < deadline, "server did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        d
+        s
     }
 
     fn post(&self, path: &str, body: &[u8]) {
@@ -228,18 +411,7 @@ impl Daemon {
     fn memory(&self) -> Memory {
         let me = self.child.id();
         let mut pids = vec![me];
-        for e in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let ppid = stat
-                .rfind(')')
-                .and_then(|i| stat[i + 1..].split_whitespace().nth(1)?.parse::<u32>().ok());
-            if ppid == Some(me) {
-                pids.push(pid);
-            }
-        }
+        pids.extend(descendants(me));
         let field = |pid: u32, name: &str| -> u64 {
             let text =
                 std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
@@ -255,12 +427,27 @@ impl Daemon {
             daemon_rss_kb: field(me, "Rss:"),
         }
     }
+
+    fn cpu(&self) -> Cpu {
+        let me = self.child.id();
+        let own = |pid: u32| stat(pid).map_or(0.0, |(_, t)| t[0] + t[1]);
+        let reaped = |pid: u32| stat(pid).map_or(0.0, |(_, t)| t[2] + t[3]);
+        let warm: Vec<u32> = descendants(me);
+        Cpu {
+            daemon: own(me),
+            warm: warm.iter().map(|&p| own(p)).sum(),
+            // Children of the daemon (exec mode) and of its long-lived descendants (fork mode).
+            children: warm.iter().map(|&p| reaped(p)).sum::<f64>() + reaped(me),
+        }
+    }
 }
 
-impl Drop for Daemon {
+impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if !self.dir.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
