@@ -75,7 +75,8 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let max_inflight = (2 * cores).max(2);
+        // Two per core (a request waits on its pipes part of the time), 2 to 16.
+        let max_inflight = (2 * cores).clamp(2, 16);
         Config {
             bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             port: 8080,
@@ -83,7 +84,9 @@ impl Default for Config {
             python: "python3".into(),
             workers: workers_for(max_inflight),
             max_inflight,
-            max_queue: 256,
+            // 64 concurrent clients never see a 429, and at least 16 of the 128
+            // connections stay free for health, metrics and /mgmt.
+            max_queue: 96,
             queue_timeout: Duration::from_secs(30),
             exec_timeout: Duration::from_secs(10),
             max_body: 1024 * 1024,
@@ -229,14 +232,15 @@ fn parse<T: FromStr>(
     }
 }
 
-/// Parses a duration given in (possibly fractional) seconds, greater than zero.
+/// Parses a duration given in (possibly fractional) seconds, from 1 ms to a week:
+/// less rounds to nothing, more overflows the clock arithmetic.
 fn seconds(
     get: &impl Fn(&str) -> Option<String>,
     var: &'static str,
     default: Duration,
 ) -> Result<Duration, ConfigError> {
     let secs: f64 = parse(get, var, default.as_secs_f64(), |s| {
-        s.is_finite() && *s > 0.0
+        s.is_finite() && (0.001..=604_800.0).contains(s)
     })?;
     Duration::try_from_secs_f64(secs).map_err(|_| ConfigError {
         var,
@@ -254,7 +258,9 @@ fn expectation(var: &str) -> &'static str {
         | "EDGEFAAS_FETCH_TIMEOUT"
         | "EDGEFAAS_SHUTDOWN_GRACE"
         | "EDGEFAAS_IDLE_TIMEOUT"
-        | "EDGEFAAS_QUEUE_TIMEOUT" => "a number of seconds greater than 0",
+        | "EDGEFAAS_QUEUE_TIMEOUT"
+        | "EDGEFAAS_IO_TIMEOUT"
+        | "EDGEFAAS_SOURCE_INTERVAL" => "a number of seconds from 0.001 to 604800",
         "EDGEFAAS_MAX_BODY" => "a number of bytes",
         "EDGEFAAS_MAX_QUEUE" | "EDGEFAAS_MAX_CONNECTIONS_PER_CLIENT" => "a whole number",
         "EDGEFAAS_WORKERS" => "a whole number of threads",
@@ -280,7 +286,14 @@ mod tests {
         let c = from(&[]).unwrap();
         assert_eq!(c.port, 8080);
         assert_eq!(c.workers, c.max_inflight + 4);
-        assert!(c.max_queue >= 64, "64 clients must not see 429 by default");
+        assert!(
+            c.max_inflight + c.max_queue >= 64,
+            "64 clients must not see 429 by default"
+        );
+        assert!(
+            c.max_inflight + c.max_queue + 16 <= c.max_connections,
+            "waiting invocations must leave connections for health and /mgmt"
+        );
         let c = from(&[("EDGEFAAS_MAX_INFLIGHT", "1")]).unwrap();
         assert_eq!(c.workers, 5);
         let err = from(&[("EDGEFAAS_MAX_INFLIGHT", "4"), ("EDGEFAAS_WORKERS", "6")])
@@ -307,6 +320,17 @@ mod tests {
             .err()
             .expect("an error");
         assert!(err.to_string().starts_with("EDGEFAAS_EXEC_TIMEOUT:"));
+        // Durations the clock cannot add, or that round to nothing, are refused.
+        for (var, value) in [
+            ("EDGEFAAS_IO_TIMEOUT", "1e19"),
+            ("EDGEFAAS_QUEUE_TIMEOUT", "1e19"),
+            ("EDGEFAAS_IO_TIMEOUT", "1e-10"),
+            ("EDGEFAAS_EXEC_TIMEOUT", "inf"),
+            ("EDGEFAAS_SHUTDOWN_GRACE", "NaN"),
+        ] {
+            let err = from(&[(var, value)]).err().expect("an error");
+            assert!(err.to_string().contains("from 0.001 to 604800"), "{err}");
+        }
         assert!(from(&[("EDGEFAAS_WORKERS", "0")]).is_err());
         assert!(from(&[("EDGEFAAS_BIND", "localhost")]).is_err());
     }

@@ -95,9 +95,20 @@ impl<'a> Target<'a> {
     /// Splits a request target (origin or absolute form).
     pub fn parse(url: &'a str) -> Result<Target<'a>> {
         let (path, query) = url.split_once('?').unwrap_or((url, ""));
-        let path = match path.split_once("://") {
-            Some((_, after)) => after.find('/').map_or("/", |i| &after[i..]),
-            None => path,
+        // Origin form (`/path`) is taken as it is; absolute form only when the target
+        // starts with its scheme (RFC 9112 3.2.2). A `://` further on is part of the
+        // path: a proxy matched its rules against that path, and so must the router.
+        let lower = path.get(..8).unwrap_or(path).to_ascii_lowercase();
+        let path = if path.starts_with('/') {
+            path
+        } else if let Some(after) = ["http://", "https://"]
+            .iter()
+            .find(|s| lower.starts_with(*s))
+            .map(|s| &path[s.len()..])
+        {
+            after.find('/').map_or("/", |i| &after[i..])
+        } else {
+            path
         };
         let path = path
             .strip_prefix('/')
@@ -133,6 +144,15 @@ mod tests {
         assert_eq!((t.first.as_str(), t.rest, t.query), ("echo", "/", ""));
         let t = Target::parse("http://h:8080/echo/x?q").unwrap();
         assert_eq!((t.first.as_str(), t.rest, t.query), ("echo", "/x", "q"));
+        let t = Target::parse("HTTPS://h/mgmt").unwrap();
+        assert_eq!(t.first, "mgmt");
+        // A `://` inside an origin-form path is path, not a new authority.
+        for sneaky in ["/x://y/mgmt/evil", "/a://b/mgmt", "/mgmt:://x/echo"] {
+            let t = Target::parse(sneaky).unwrap();
+            assert_ne!(t.first, "mgmt", "{sneaky}");
+            assert!(sneaky.starts_with(&format!("/{}", t.first)), "{sneaky}");
+        }
+        assert!(Target::parse("ftp://h/mgmt").is_err());
         let t = Target::parse("/%2e%2e/x").unwrap();
         assert_eq!(t.first, "..");
         assert!(Target::parse("*").is_err());

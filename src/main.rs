@@ -82,13 +82,30 @@ fn main() -> ExitCode {
 
 fn run() -> Result<(), String> {
     let config = Config::from_env().map_err(|e| e.to_string())?;
-    sys::ignore_sigxfsz();
+    // A write past a file-size limit fails with EFBIG (answered 507) instead of killing us.
+    signal_hook::flag::register(
+        signal_hook::consts::SIGXFSZ,
+        Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    )
+    .map_err(|e| e.to_string())?;
     let addr = config.addr();
     // Register before anything else so a SIGTERM during start-up is not lost.
     let mut signals =
         signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(|e| e.to_string())?;
     let app = App::new(config).map_err(|e| format!("cannot open the functions dir: {e}"))?;
     let app = Arc::new(app);
+    let (inflight, queue, conns) = (
+        app.config.max_inflight,
+        app.config.max_queue,
+        app.config.max_connections,
+    );
+    if inflight + queue >= conns {
+        warn!(
+            "EDGEFAAS_MAX_INFLIGHT + EDGEFAAS_MAX_QUEUE ({}) reach EDGEFAAS_MAX_CONNECTIONS ({conns}): \
+             waiting invocations can take every connection, and health probes get 503",
+            inflight + queue
+        );
+    }
     if app.config.mgmt_token.is_none() {
         warn!("EDGEFAAS_MGMT_TOKEN is not set: anyone who reaches the port can install functions");
     }

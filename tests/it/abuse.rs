@@ -87,8 +87,28 @@ fn connections_past_the_cap_get_503_and_service_resumes() {
         // Long enough that the idle ones are still open when the ninth comes, under load.
         ("EDGEFAAS_IO_TIMEOUT", "3"),
     ]);
-    let idle: Vec<TcpStream> = (0..8).map(|_| connect(d.port)).collect();
-    std::thread::sleep(Duration::from_millis(200));
+    // Eight kept-alive connections, each proven counted by an answer (the slot of a
+    // connection that is just closing, such as the start-up probe, may refuse one at first).
+    let idle: Vec<TcpStream> = (0..8)
+        .map(|_| {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let mut s = connect(d.port);
+                s.write_all(b"GET /_/health HTTP/1.1\r\n\r\n").unwrap();
+                let mut buf = [0u8; 256];
+                let n = s.read(&mut buf).unwrap_or(0);
+                if buf[..n].starts_with(b"HTTP/1.1 200") {
+                    break s;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{}",
+                    String::from_utf8_lossy(&buf[..n])
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+        .collect();
     let r = d.req("POST", "/echo", b"x");
     assert_eq!(
         (r.status, r.text().as_str()),

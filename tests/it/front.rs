@@ -652,3 +652,108 @@ fn no_thread_or_descriptor_to_spare_answers_503_and_the_daemon_lives() {
         http::try_request(d.port, "GET", "/_/health", &[], b"").is_ok_and(|r| r.status == 200)
     }));
 }
+
+#[test]
+fn bodies_abandoned_midway_give_their_memory_back() {
+    let d = Daemon::start(&[]);
+    let port = d.port;
+    // 20 clients each send all but the last byte of a 1 MiB body (CL or chunked,
+    // the chunked ones ending in a malformed chunk size) and leave: 20 MiB would
+    // outgrow the 16 MiB body budget if any of it stayed counted.
+    let abandon: Vec<_> = (0..20)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut s = connect(port);
+                let almost = vec![b'a'; (1 << 20) - 1];
+                if i % 2 == 0 {
+                    let _ = s.write_all(b"POST /echo HTTP/1.1\r\nContent-Length: 1048576\r\n\r\n");
+                    let _ = s.write_all(&almost);
+                } else {
+                    let _ = s.write_all(
+                        b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nfffff\r\n",
+                    );
+                    let _ = s.write_all(&almost);
+                    let _ = s.write_all(b"\r\n+1\r\n");
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            })
+        })
+        .collect();
+    for a in abandon {
+        a.join().unwrap();
+    }
+    let body = vec![b'z'; 256 * 1024];
+    for round in 0..3 {
+        let started = Instant::now();
+        let r = d.req("POST", "/echo", &body);
+        assert_eq!(r.status, 200, "round {round}: {r:?}");
+        assert_eq!(r.body.len(), body.len() + 1);
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "round {round}: {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+#[test]
+fn a_scheme_inside_an_origin_form_path_is_not_an_absolute_target() {
+    let d = Daemon::start(&[]);
+    for (method, path) in [
+        ("PUT", "/x://y/mgmt/evil"),
+        ("GET", "/a://b/mgmt"),
+        ("DELETE", "/x://y/mgmt/echo"),
+    ] {
+        let r = d.req(method, path, b"def handle(req):\n    return 'pwned'\n");
+        assert_eq!(r.status, 400, "{method} {path}: {r:?}");
+    }
+    assert_eq!(d.names(), ["echo"]);
+    // A real absolute-form target still routes.
+    let r = d.req("POST", &format!("http://127.0.0.1:{}/echo", d.port), b"abs");
+    assert_eq!(r.text(), "abs\n");
+}
+
+#[test]
+fn refusing_connections_past_the_cap_never_holds_up_the_accept_loop() {
+    let d = Daemon::start(&[("EDGEFAAS_MAX_CONNECTIONS_PER_CLIENT", "2")]);
+    let port = d.port;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // One address opens connections as fast as it can and never reads or closes them.
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && held.len() < 600 {
+                if let Ok(s) = TcpStream::connect(("127.0.0.1", port)) {
+                    held.push(s);
+                }
+            }
+            held.len()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    // Another address (127.0.0.2) asks for health meanwhile.
+    let probe = format!(
+        "import socket, time\nt = time.time()\ns = socket.socket()\ns.bind(('127.0.0.2', 0))\ns.settimeout(10)\ns.connect(('127.0.0.1', {port}))\ns.sendall(b'GET /_/health HTTP/1.1\\r\\nConnection: close\\r\\n\\r\\n')\nout = s.recv(64)\nprint(round(time.time() - t, 3), out.split(b'\\r\\n')[0].decode())\n"
+    );
+    let mut worst = 0.0f64;
+    for _ in 0..5 {
+        let out = std::process::Command::new(crate::support::python())
+            .args(["-c", &probe])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (secs, status) = text.trim().split_once(' ').unwrap_or(("99", ""));
+        assert_eq!(
+            status,
+            "HTTP/1.1 200 OK",
+            "{text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        worst = worst.max(secs.parse().unwrap_or(99.0));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let refused = flood.join().unwrap();
+    eprintln!("health from another address beside {refused} refused connections: worst {worst}s");
+    assert!(worst < 0.5, "{worst}");
+}

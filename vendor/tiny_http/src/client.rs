@@ -8,6 +8,7 @@
 //! worker read the body (or not) itself and unread body bytes were parsed as the
 //! next request.
 
+use std::convert::TryFrom;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,7 +19,7 @@ use crate::connection::Connection;
 use crate::framing::{self, Chunked, Framing, Head, Refusal, Step};
 use crate::request::{Parts, ReplySlot};
 use crate::util::MessagesQueue;
-use crate::{Budget, HTTPVersion, Limits, Method, Request, Response, StatusCode};
+use crate::{Budget, HTTPVersion, Lease, Limits, Method, Request, Response, StatusCode};
 
 /// Bytes read from the socket at once (beyond the head's own room).
 const READ_CHUNK: usize = 16 * 1024;
@@ -53,6 +54,15 @@ pub(crate) struct ClientConnection {
     start: usize,
     end: usize,
     slot: Arc<ReplySlot>,
+    /// The socket's read and write timeouts as last set (a syscall each to change).
+    read_wait: Option<Duration>,
+    write_wait: Option<Duration>,
+}
+
+/// Whether a socket timeout of `current` must change to bound a wait of `left`:
+/// it may never exceed `left`, and is refreshed once it is under half of it.
+fn needs(current: Option<Duration>, left: Duration) -> bool {
+    current.map_or(true, |c| c > left || c < left / 2)
 }
 
 impl ClientConnection {
@@ -76,6 +86,8 @@ impl ClientConnection {
             start: 0,
             end: 0,
             slot: Arc::new(ReplySlot::default()),
+            read_wait: None,
+            write_wait: None,
         }
     }
 
@@ -102,7 +114,7 @@ impl ClientConnection {
                 headers: head.headers,
                 remote_addr: self.remote,
                 body,
-                lease: Some((self.budget.clone(), lease)),
+                lease: Some(lease),
             };
             self.queue.push(Request::new(parts, self.slot.clone()));
             let answer = self.slot.take();
@@ -134,13 +146,16 @@ impl ClientConnection {
     /// `head_timeout` plus `len` bytes at the minimum rate, from now.
     fn deadline_for(&self, len: u64) -> Instant {
         let rate = self.limits.min_rate.max(1);
-        Instant::now() + self.limits.head_timeout + Duration::from_millis(len.saturating_mul(1000) / rate)
+        let now = Instant::now();
+        now.checked_add(self.limits.head_timeout + Duration::from_millis(len.saturating_mul(1000) / rate))
+            .unwrap_or(now + Duration::from_secs(86_400))
     }
 
     /// Reads the next head. `None`: the client closed or idled out between requests.
     fn read_head(&mut self) -> Result<Option<Head>, Fail> {
         self.compact();
-        let idle_deadline = Instant::now() + self.limits.head_timeout;
+        let now = Instant::now();
+        let idle_deadline = now.checked_add(self.limits.head_timeout).unwrap_or(now);
         let mut head_deadline: Option<Instant> = None;
         let mut scanned = 0;
         loop {
@@ -153,7 +168,8 @@ impl ClientConnection {
             }
             let avail = &self.buf[self.start..self.end];
             if !avail.is_empty() && head_deadline.is_none() {
-                head_deadline = Some(Instant::now() + self.limits.head_timeout);
+                let now = Instant::now();
+                head_deadline = Some(now.checked_add(self.limits.head_timeout).unwrap_or(now));
             }
             let window = &avail[..avail.len().min(self.limits.max_head_bytes)];
             if let Some(end) = framing::find_head_end(window, scanned) {
@@ -181,8 +197,9 @@ impl ClientConnection {
         }
     }
 
-    /// Reads the whole body by the head's framing; returns it and the budget it holds.
-    fn read_body(&mut self, head: &Head) -> Result<(Vec<u8>, usize), Fail> {
+    /// Reads the whole body by the head's framing; returns it with the budget it
+    /// holds (given back when the request is dropped, or here on any failure).
+    fn read_body(&mut self, head: &Head) -> Result<(Vec<u8>, Lease), Fail> {
         let limit = (self.limits.body_limit)(&head.method, &head.path);
         let too_large = || {
             Refusal::new(
@@ -194,34 +211,26 @@ impl ClientConnection {
             )
         };
         let mut body = Vec::new();
-        let mut held = 0usize;
-        let result = match head.framing {
-            Framing::Empty => Ok(()),
-            Framing::Length(n) if n > limit.bytes => Err(too_large().into()),
+        let mut lease = Lease::new(self.budget.clone());
+        match head.framing {
+            Framing::Empty => {}
+            Framing::Length(n) if n > limit.bytes => return Err(too_large().into()),
             Framing::Length(n) => {
                 self.continue_if_asked(head, n > 0)?;
                 let deadline = self.deadline_for(n);
-                let mut left = n as usize;
-                while left > 0 {
+                let total = n as usize;
+                while body.len() < total {
                     if self.end == self.start {
-                        match self.fill(deadline) {
-                            Ok(0) => return Err(Fail::Gone),
-                            Ok(_) => {}
-                            Err(e) if is_timeout(&e) => {
-                                return Err(Refusal::new(408, "request body too slow").into());
-                            }
-                            Err(_) => return Err(Fail::Gone),
-                        }
+                        self.fill_body(deadline)?;
                     }
-                    let take = left.min(self.end - self.start);
-                    self.keep(&mut body, &mut held, take, deadline)?;
-                    left -= take;
+                    let take = (total - body.len()).min(self.end - self.start);
+                    self.keep(&mut body, &mut lease, take, total)?;
                 }
-                Ok(())
             }
             Framing::Chunked => {
                 self.continue_if_asked(head, true)?;
                 let started = Instant::now();
+                let cap = usize::try_from(limit.bytes).unwrap_or(usize::MAX);
                 let mut dec = Chunked::new(limit.bytes, self.limits.max_headers);
                 loop {
                     let step = dec.step(&self.buf[self.start..self.end]).map_err(|r| {
@@ -231,47 +240,50 @@ impl ClientConnection {
                             r
                         }
                     })?;
-                    let rate = self.limits.min_rate.max(1);
-                    let deadline = started
-                        + self.limits.head_timeout
-                        + Duration::from_millis(dec.received().saturating_mul(1000) / rate);
                     match step {
-                        Step::More => match self.fill(deadline) {
-                            Ok(0) => return Err(Fail::Gone),
-                            Ok(_) => {}
-                            Err(e) if is_timeout(&e) => {
-                                return Err(Refusal::new(408, "request body too slow").into());
-                            }
-                            Err(_) => return Err(Fail::Gone),
-                        },
+                        Step::More => {
+                            let rate = self.limits.min_rate.max(1);
+                            let allowance = dec.received().saturating_mul(1000) / rate;
+                            let deadline = started
+                                .checked_add(self.limits.head_timeout + Duration::from_millis(allowance))
+                                .unwrap_or(started);
+                            self.fill_body(deadline)?;
+                        }
                         Step::Skip(n) => self.start += n,
-                        Step::Data(n) => self.keep(&mut body, &mut held, n, deadline)?,
+                        Step::Data(n) => self.keep(&mut body, &mut lease, n, cap)?,
                         Step::Done(n) => {
                             self.start += n;
                             break;
                         }
                     }
                 }
-                Ok(())
             }
-        };
-        match result {
-            Ok(()) => Ok((body, held)),
-            Err(e) => {
-                self.budget.give(held);
-                Err(e)
-            }
+        }
+        Ok((body, lease))
+    }
+
+    /// Reads more of a body; the client's leaving or its deadline end the request.
+    fn fill_body(&mut self, deadline: Instant) -> Result<(), Fail> {
+        match self.fill(deadline) {
+            Ok(0) => Err(Fail::Gone),
+            Ok(_) => Ok(()),
+            Err(e) if is_timeout(&e) => Err(Refusal::new(408, "request body too slow").into()),
+            Err(_) => Err(Fail::Gone),
         }
     }
 
-    /// Moves `n` buffered bytes into `body`, after taking room for them in the budget.
-    fn keep(&mut self, body: &mut Vec<u8>, held: &mut usize, n: usize, deadline: Instant) -> Result<(), Fail> {
-        if !self.budget.take(n, deadline) {
-            return Err(Refusal::new(503, "server busy: too many request bodies in memory; try again").into());
-        }
-        *held += n;
-        if body.try_reserve(n).is_err() {
-            return Err(Refusal::new(503, "server busy: out of memory for the request body").into());
+    /// Moves `n` buffered bytes into `body` (which will not outgrow `most`), after
+    /// taking room in the budget for any memory the body grows by.
+    fn keep(&mut self, body: &mut Vec<u8>, lease: &mut Lease, n: usize, most: usize) -> Result<(), Fail> {
+        let needed = body.len() + n;
+        if needed > body.capacity() {
+            let grown = needed.max(body.capacity() * 2).max(4096).min(most.max(needed));
+            if !lease.grow(grown - body.capacity()) {
+                return Err(Refusal::new(503, "server busy: too many request bodies in memory; try again").into());
+            }
+            if body.try_reserve_exact(grown - body.len()).is_err() {
+                return Err(Refusal::new(503, "server busy: out of memory for the request body").into());
+            }
         }
         body.extend_from_slice(&self.buf[self.start..self.start + n]);
         self.start += n;
@@ -307,7 +319,10 @@ impl ClientConnection {
             if left.is_zero() {
                 return Err(ErrorKind::TimedOut.into());
             }
-            self.sock.set_read_timeout(Some(left))?;
+            if needs(self.read_wait, left) {
+                self.sock.set_read_timeout(Some(left))?;
+                self.read_wait = Some(left);
+            }
             match self.sock.read(&mut self.buf[self.end..]) {
                 Ok(n) => {
                     self.end += n;
@@ -326,7 +341,10 @@ impl ClientConnection {
             if left.is_zero() {
                 return Err(ErrorKind::TimedOut.into());
             }
-            self.sock.set_write_timeout(Some(left))?;
+            if needs(self.write_wait, left) {
+                self.sock.set_write_timeout(Some(left))?;
+                self.write_wait = Some(left);
+            }
             match self.sock.write(bytes) {
                 Ok(0) => return Err(ErrorKind::WriteZero.into()),
                 Ok(n) => bytes = &bytes[n..],

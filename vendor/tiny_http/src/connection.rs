@@ -53,16 +53,6 @@ pub(crate) enum Connection {
 }
 
 impl Connection {
-    /// EdgeFaaS patch: bounds every read and write on the socket.
-    pub(crate) fn set_timeouts(
-        &self,
-        read: Option<std::time::Duration>,
-        write: Option<std::time::Duration>,
-    ) -> std::io::Result<()> {
-        self.set_read_timeout(read)?;
-        self.set_write_timeout(write)
-    }
-
     /// EdgeFaaS patch: the wait of the next read.
     pub(crate) fn set_read_timeout(&self, t: Option<std::time::Duration>) -> std::io::Result<()> {
         match self {
@@ -78,6 +68,15 @@ impl Connection {
             Self::Tcp(s) => s.set_write_timeout(t),
             #[cfg(unix)]
             Self::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+
+    /// EdgeFaaS patch: for refusals that must never block the accept thread.
+    pub(crate) fn set_nonblocking(&self) -> std::io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.set_nonblocking(true),
+            #[cfg(unix)]
+            Self::Unix(s) => s.set_nonblocking(true),
         }
     }
 

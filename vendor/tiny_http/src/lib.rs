@@ -158,8 +158,9 @@ impl Budget {
         }
     }
 
-    /// Takes `n` bytes, waiting for room until `deadline`; false if none came.
-    pub(crate) fn take(&self, n: usize, deadline: Instant) -> bool {
+    /// Takes `n` bytes, waiting a moment for room; false if none came.
+    fn take(&self, n: usize) -> bool {
+        let deadline = Instant::now() + BUDGET_WAIT;
         let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if used.saturating_add(n) <= self.max {
@@ -179,13 +180,44 @@ impl Budget {
     }
 
     /// Gives `n` bytes back.
-    pub(crate) fn give(&self, n: usize) {
+    fn give(&self, n: usize) {
         if n == 0 {
             return;
         }
         let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
         *used = used.saturating_sub(n);
         self.freed.notify_all();
+    }
+}
+
+/// How long a body waits for room in the budget before it is refused with 503.
+const BUDGET_WAIT: Duration = Duration::from_secs(1);
+
+/// Room one request body holds in the budget, given back when dropped (so no
+/// early exit of a read, and no request however it ends, can keep it).
+pub(crate) struct Lease {
+    budget: Arc<Budget>,
+    bytes: usize,
+}
+
+impl Lease {
+    pub(crate) fn new(budget: Arc<Budget>) -> Lease {
+        Lease { budget, bytes: 0 }
+    }
+
+    /// Takes `n` more bytes; false if the budget has no room for them.
+    pub(crate) fn grow(&mut self, n: usize) -> bool {
+        let ok = self.budget.take(n);
+        if ok {
+            self.bytes += n;
+        }
+        ok
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.budget.give(self.bytes);
     }
 }
 
@@ -239,23 +271,24 @@ impl Drop for LiveConnection {
 }
 
 /// Answers a connection the server cannot take (over a cap, or no thread for
-/// it) with a 503 and closes it, without a thread of its own.
+/// it) with a 503 and closes it, without waiting on the client: the accept
+/// thread serves everyone, so a refused client must not hold it.
 fn refuse(mut sock: Connection, why: &str) {
     use std::io::{Read, Write};
-    let short = Some(Duration::from_millis(20));
-    let _ = sock.set_timeouts(short, short);
+    let _ = sock.set_nonblocking();
     let body = format!("{why}\n");
-    let _ = write!(
-        sock,
+    let answer = format!(
         "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{}",
         body.len(),
         body
     );
+    // A fresh socket's send buffer takes these few bytes at once.
+    let _ = sock.write(answer.as_bytes());
     let _ = sock.shutdown(Shutdown::Write);
-    // Closing with the request unread would reset the connection before the client
-    // reads the 503; read what has arrived, for at most 20 ms.
+    // Closing with a request unread would reset the connection before the client
+    // reads the 503: drop what has arrived already, without waiting for more.
     let mut scratch = [0u8; 4096];
-    let _ = sock.read(&mut scratch);
+    while matches!(sock.read(&mut scratch), Ok(n) if n > 0) {}
 }
 
 // The server is shared by the worker threads.

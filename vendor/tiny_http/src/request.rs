@@ -9,7 +9,7 @@ use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::{Arc, Condvar, Mutex};
 
-use crate::{Budget, HTTPVersion, Header, Method, Response, ResponseBox, StatusCode};
+use crate::{HTTPVersion, Header, Lease, Method, Response, ResponseBox, StatusCode};
 
 /// Represents an HTTP request made by a client.
 ///
@@ -22,7 +22,7 @@ pub struct Request {
     remote_addr: Option<SocketAddr>,
     body: Vec<u8>,
     /// Room taken in the body budget, given back on drop.
-    lease: Option<(Arc<Budget>, usize)>,
+    lease: Option<Lease>,
     reply: Option<Arc<ReplySlot>>,
 }
 
@@ -59,7 +59,7 @@ pub(crate) struct Parts {
     pub headers: Vec<Header>,
     pub remote_addr: Option<SocketAddr>,
     pub body: Vec<u8>,
-    pub lease: Option<(Arc<Budget>, usize)>,
+    pub lease: Option<Lease>,
 }
 
 impl Request {
@@ -152,8 +152,6 @@ impl Drop for Request {
         if let Some(slot) = self.reply.take() {
             slot.put(Response::empty(StatusCode(500)).boxed());
         }
-        if let Some((budget, n)) = self.lease.take() {
-            budget.give(n);
-        }
+        drop(self.lease.take());
     }
 }
