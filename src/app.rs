@@ -3,17 +3,16 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use crate::admission::Lane;
 use crate::config::Config;
 use crate::error::Result;
 use crate::fetch::Fetcher;
-use crate::invoke::Invoker;
+use crate::invoke::{Invoker, Settings};
 use crate::metrics::{Gauges, Metrics, Origin};
+use crate::name::FunctionName;
 use crate::process::Processes;
-use crate::store::{FunctionName, Installed, Store};
-use crate::zygote::Zygotes;
+use crate::store::{Installed, Store};
 
 /// Everything a request handler may use.
 pub struct App {
@@ -46,20 +45,18 @@ impl App {
     pub fn new(config: Config) -> io::Result<App> {
         let store = Store::open(&config.functions_dir)?;
         let procs = Arc::new(Processes::default());
-        let zygotes = Arc::new(Zygotes::new(procs.clone(), config.idle_timeout));
-        // Checked a few times per idle period, at least every 5 s.
-        let every =
-            (config.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
-        Zygotes::start_evictor(Arc::downgrade(&zygotes), every)?;
-        let invoker = Invoker {
-            python: config.python.clone(),
-            runner: store.runner_path(),
-            timeout: config.exec_timeout,
-            max_output: config.max_output,
-            mode: config.mode,
-            procs: procs.clone(),
-            zygotes,
-        };
+        let invoker = Invoker::new(
+            Settings {
+                python: config.python.clone(),
+                runner: store.runner_path(),
+                timeout: config.exec_timeout,
+                max_output: config.max_output,
+                mode: config.mode,
+                max_warm: config.max_warm,
+                idle: config.idle_timeout,
+            },
+            procs.clone(),
+        )?;
         let server: Arc<OnceLock<Arc<tiny_http::Server>>> = Arc::default();
         let waker = |server: &Arc<OnceLock<Arc<tiny_http::Server>>>| {
             let server = server.clone();
@@ -101,7 +98,8 @@ impl App {
         self.draining.load(Ordering::SeqCst)
     }
 
-    /// Installs a function; once this returns, no request is served the old code.
+    /// Installs a function once its code imports and has a `handle` (else 422 and
+    /// nothing changes); once this returns, no request is served the old code.
     pub fn install(
         &self,
         name: &FunctionName,
@@ -109,7 +107,9 @@ impl App {
         origin: &str,
         kind: Origin,
     ) -> Result<Installed> {
-        let outcome = self.store.install(name, source, origin)?;
+        let outcome = self.store.install(name, source, origin, |staged| {
+            self.invoker.check(name, staged)
+        })?;
         self.invoker.forget(name);
         self.metrics.installed(kind);
         Ok(outcome)
@@ -131,7 +131,7 @@ impl App {
             queued,
             max_inflight: self.config.max_inflight,
             max_queue: self.config.max_queue,
-            zygotes: self.invoker.zygotes.count(),
+            zygotes: self.invoker.warm(),
         })
     }
 

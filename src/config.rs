@@ -58,6 +58,8 @@ pub struct Config {
     pub mode: Mode,
     /// How long an unused zygote stays warm (`EDGEFAAS_IDLE_TIMEOUT`).
     pub idle_timeout: Duration,
+    /// Functions kept warm at most; the least recently used is stopped first (`EDGEFAAS_MAX_WARM`).
+    pub max_warm: usize,
     /// A read-only folder of `name.py` files kept in sync, e.g. a ConfigMap (`EDGEFAAS_SOURCE_DIR`).
     pub source_dir: Option<PathBuf>,
     /// How often the source dir is checked (`EDGEFAAS_SOURCE_INTERVAL`).
@@ -97,6 +99,9 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(10),
             mode: Mode::Fork,
             idle_timeout: Duration::from_secs(300),
+            // A warm echo-sized function costs about 1 MB; real ones with imports more.
+            // 16 keeps even heavy ones within a 1 GB board's means.
+            max_warm: 16,
             source_dir: None,
             source_interval: Duration::from_secs(10),
             max_connections: 128,
@@ -172,6 +177,7 @@ impl Config {
             shutdown_grace: seconds(&get, "EDGEFAAS_SHUTDOWN_GRACE", d.shutdown_grace)?,
             mode: parse(&get, "EDGEFAAS_MODE", d.mode, any)?,
             idle_timeout: seconds(&get, "EDGEFAAS_IDLE_TIMEOUT", d.idle_timeout)?,
+            max_warm: parse(&get, "EDGEFAAS_MAX_WARM", d.max_warm, positive)?,
             source_dir: get("EDGEFAAS_SOURCE_DIR")
                 .filter(|s| !s.is_empty())
                 .map(PathBuf::from),

@@ -35,6 +35,8 @@ pub enum Error {
     Busy(crate::admission::Refused),
     /// The daemon ran out of threads, processes, descriptors or memory for this request.
     Unavailable(String),
+    /// Installed code that would not serve: it does not import, or has no `handle`.
+    Unprocessable(String),
     /// The handler raised, exited non-zero or misbehaved; carries the reason.
     Failed { name: String, reason: String },
     /// The handler ran past `EDGEFAAS_EXEC_TIMEOUT`.
@@ -58,6 +60,7 @@ impl Error {
             Error::Method(_) => 405,
             Error::Managed(_) => 409,
             Error::TooLarge(_) => 413,
+            Error::Unprocessable(_) => 422,
             Error::Busy(_) => 429,
             Error::Failed { .. } | Error::Io(_) => 500,
             Error::Fetch(_) => 502,
@@ -91,6 +94,7 @@ impl fmt::Display for Error {
             Error::Fetch(why) => write!(f, "download failed: {why}"),
             Error::FetchTimeout => write!(f, "download timed out"),
             Error::TooLarge(what) => write!(f, "{what}"),
+            Error::Unprocessable(why) => write!(f, "{why}; nothing was changed"),
             Error::Busy(crate::admission::Refused::TimedOut) => {
                 write!(
                     f,

@@ -6,7 +6,8 @@ use std::time::Duration;
 use percent_encoding::percent_decode_str;
 
 use crate::error::{Error, Result};
-use crate::store::{FunctionName, sha256_hex};
+use crate::name::FunctionName;
+use crate::store::sha256_hex;
 
 /// Redirects followed before a download counts as a loop.
 const MAX_REDIRECTS: u32 = 5;

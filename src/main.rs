@@ -10,16 +10,15 @@ mod error;
 mod fetch;
 mod http;
 mod invoke;
-mod iopool;
 mod metrics;
 mod mgmt;
+mod name;
 mod process;
 mod router;
 mod server;
 mod sourcedir;
 mod store;
 mod sys;
-mod zygote;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -146,6 +145,7 @@ fn run() -> Result<(), String> {
     );
     drain(&app);
     pool.stop(Duration::from_secs(2));
+    app.invoker.stop_all();
     info!("stopped");
     Ok(())
 }
@@ -159,8 +159,7 @@ fn drain(app: &App) {
     }
     if app.inflight() > 0 {
         warn!("grace period over: killing {} invocations", app.inflight());
-        app.procs.kill_all();
-        app.invoker.zygotes.kill_all();
+        process::kill_descendants();
         let deadline = Instant::now() + Duration::from_secs(2);
         while app.inflight() > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));

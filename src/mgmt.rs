@@ -9,7 +9,8 @@ use crate::error::{Error, Result};
 use crate::fetch::Source;
 use crate::http::{Answer, MAX_COMMAND, Target};
 use crate::metrics::Origin;
-use crate::store::{FunctionName, Installed};
+use crate::name::FunctionName;
+use crate::store::Installed;
 
 /// Decides a request to `/mgmt` (`rest` = `/`) or `/mgmt/<name>`: the token,
 /// then a listing at once, or `None`: a change that waits for an install slot.

@@ -1,6 +1,6 @@
-//! Ownership of every process the daemon starts: the set of live invocation
-//! process groups, killing them, and sweeping up orphans so no zombie or stray
-//! process outlives its invocation.
+//! Ownership of every process the daemon starts: the direct children it must
+//! reap (exec-mode requests, the fork-mode base), killing process groups, and
+//! sweeping up orphans so no zombie or stray process outlives its invocation.
 
 use std::collections::HashSet;
 use std::io;
@@ -9,10 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use log::{debug, warn};
+use rustix::process::{Pid, Signal, WaitOptions};
 
-use crate::sys;
-
-/// The process groups of invocations now running, by leader pid (= group id).
+/// The daemon's own children that something waits for, by pid (each leads its group).
 #[derive(Default)]
 pub struct Processes {
     live: Mutex<HashSet<u32>>,
@@ -30,35 +29,26 @@ impl Processes {
         Ok(child)
     }
 
-    /// Kills the whole group of a recorded leader (before it is reaped, so the id is still its own).
-    pub fn kill(&self, pgid: u32) {
-        if let Err(e) = sys::kill_group(pgid) {
-            warn!("cannot kill process group {pgid}: {e}");
-        }
-    }
-
-    /// Kills the group of an exited leader, forgets it, then reaps the leader.
-    pub fn finish(&self, mut child: Child) -> io::Result<std::process::ExitStatus> {
-        let pgid = child.id();
-        self.kill(pgid);
+    /// Kills the group of an exited (not yet reaped) leader, then reaps it and forgets it.
+    /// Returns its wait status if it had exited.
+    pub fn finish(&self, pid: u32) -> Option<i32> {
+        kill_group(pid);
         // Reaped and forgotten under the lock: the sweeper must not reap it first, and
         // a new leader that reuses the pid must not lose its entry.
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        let status = child.wait();
-        live.remove(&pgid);
+        let status = Pid::from_raw(pid as i32).and_then(|p| {
+            rustix::process::waitpid(Some(p), WaitOptions::empty())
+                .ok()
+                .flatten()
+                .map(|(_, s)| s.as_raw())
+        });
+        live.remove(&pid);
         status
     }
 
-    /// Kills every running invocation's group (used when the shutdown grace runs out).
-    pub fn kill_all(&self) {
-        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        for &pgid in live.iter() {
-            self.kill(pgid);
-        }
-    }
-
-    /// Kills and reaps children of the daemon that belong to no running invocation:
-    /// descendants that left their group (setsid) and were re-parented to us.
+    /// Kills and reaps children of the daemon that belong to nothing it waits for:
+    /// descendants that lost their parent (setsid, a dead zygote) and came back to
+    /// the daemon, its subreaper.
     pub fn sweep(&self) {
         let me = std::process::id();
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
@@ -67,15 +57,62 @@ impl Processes {
                 continue;
             }
             debug!("sweeping stray process {pid}");
-            if let Err(e) = sys::kill(pid) {
-                warn!("cannot kill stray process {pid}: {e}");
-            }
+            kill_one(pid);
             // A killed process becomes a zombie shortly after; the next sweep reaps it if not now.
             for _ in 0..50 {
-                if sys::reap(pid) {
+                let reaped = Pid::from_raw(pid as i32).is_some_and(|p| {
+                    matches!(
+                        rustix::process::waitpid(Some(p), WaitOptions::NOHANG),
+                        Ok(Some(_))
+                    )
+                });
+                if reaped {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+}
+
+/// Sends SIGKILL to every process in group `pgid`. A group already gone is fine;
+/// 0, 1 and the daemon's own group are refused (they would mean "everyone").
+pub fn kill_group(pgid: u32) {
+    if pgid <= 1 || pgid == std::process::id() {
+        return;
+    }
+    if let Some(p) = Pid::from_raw(pgid as i32) {
+        match rustix::process::kill_process_group(p, Signal::KILL) {
+            Ok(()) | Err(rustix::io::Errno::SRCH) => {}
+            Err(e) => warn!("cannot kill process group {pgid}: {e}"),
+        }
+    }
+}
+
+/// Sends SIGKILL to one process (not 0, 1 or the daemon); one already gone is fine.
+pub fn kill_one(pid: u32) {
+    if pid <= 1 || pid == std::process::id() {
+        return;
+    }
+    if let Some(p) = Pid::from_raw(pid as i32) {
+        match rustix::process::kill_process(p, Signal::KILL) {
+            Ok(()) | Err(rustix::io::Errno::SRCH) => {}
+            Err(e) => warn!("cannot kill process {pid}: {e}"),
+        }
+    }
+}
+
+/// Kills every descendant of the daemon (shutdown after the grace period).
+pub fn kill_descendants() {
+    let me = std::process::id();
+    let mut frontier = vec![me];
+    let mut seen = HashSet::new();
+    while let Some(parent) = frontier.pop() {
+        for pid in children_of(parent) {
+            if seen.insert(pid) {
+                kill_group(pid);
+                kill_one(pid);
+                frontier.push(pid);
             }
         }
     }
@@ -87,21 +124,30 @@ fn children_of(ppid: u32) -> Vec<u32> {
         return Vec::new();
     };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| parent_of(*pid) == Some(ppid))
+        .filter(|pid| stat(*pid).is_some_and(|s| s.ppid == ppid))
         .collect()
 }
 
-/// The parent pid from /proc/<pid>/stat (field 4, after the parenthesised command name).
-fn parent_of(pid: u32) -> Option<u32> {
+/// What /proc/<pid>/stat says of a process's family.
+pub struct Stat {
+    pub ppid: u32,
+    pub pgrp: u32,
+}
+
+/// Fields 4 and 5 of /proc/<pid>/stat (after the parenthesised command name).
+pub fn stat(pid: u32) -> Option<Stat> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    after_name.split_whitespace().nth(1)?.parse().ok()
+    let mut f = stat[stat.rfind(')')? + 1..].split_whitespace().skip(1);
+    Some(Stat {
+        ppid: f.next()?.parse().ok()?,
+        pgrp: f.next()?.parse().ok()?,
+    })
 }
 
 /// Becomes the subreaper for the daemon's descendants and starts the thread
 /// that sweeps orphans on every SIGCHLD (and every few seconds regardless).
 pub fn start_sweeper(procs: Arc<Processes>) -> io::Result<()> {
-    if let Err(e) = sys::become_subreaper() {
+    if let Err(e) = rustix::process::set_child_subreaper(Some(rustix::process::getpid())) {
         warn!("cannot become child subreaper ({e}); orphans go to init");
     }
     let (tx, rx) = std::sync::mpsc::channel::<()>();
@@ -132,10 +178,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parent_of_reads_past_a_name_with_spaces_and_parens() {
+    fn stat_reads_past_a_name_with_spaces_and_parens() {
         // Our own stat line; the parent is the test harness.
         let me = std::process::id();
-        let expected = std::os::unix::process::parent_id();
-        assert_eq!(parent_of(me), Some(expected));
+        let s = stat(me).expect("our own stat");
+        assert_eq!(s.ppid, std::os::unix::process::parent_id());
+    }
+
+    #[test]
+    fn everyone_and_the_daemon_are_never_killed() {
+        // These return without sending anything; a kill(-1) would end the test run.
+        kill_group(0);
+        kill_group(1);
+        kill_group(std::process::id());
+        kill_one(0);
+        kill_one(1);
     }
 }

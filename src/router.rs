@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::http::{Answer, Target};
 use crate::invoke::Call;
 use crate::mgmt;
-use crate::store::FunctionName;
+use crate::name::FunctionName;
 
 /// What a request needs.
 pub enum Route {
@@ -89,23 +89,11 @@ fn run(app: &App, req: &mut Request, name: &FunctionName) -> Result<Answer> {
     let target = Target::parse(&url)?;
     let body = req.take_body();
     let env = http_env(req, &target, body.len());
-    let reply = app.invoker.invoke(Call {
+    app.invoker.invoke(Call {
         name,
         handler: &handler,
         body,
         env,
-    })?;
-    let mut headers = reply.headers;
-    if !headers
-        .iter()
-        .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
-    {
-        headers.push(("Content-Type".into(), "text/plain; charset=utf-8".into()));
-    }
-    Ok(Answer {
-        status: reply.status,
-        headers,
-        body: reply.body,
     })
 }
 

@@ -186,7 +186,7 @@ fn dispatch(app: &Arc<App>, req: Request) {
 
 /// What an HTTP request waiting in a lane will do.
 enum Work {
-    Invoke(crate::store::FunctionName),
+    Invoke(crate::name::FunctionName),
     Change,
 }
 

@@ -15,7 +15,8 @@ use log::{info, warn};
 use crate::app::App;
 use crate::error::Result;
 use crate::metrics::Origin;
-use crate::store::{FunctionName, sha256_hex};
+use crate::name::FunctionName;
+use crate::store::sha256_hex;
 
 /// The source recorded for a function from `dir`.
 fn source_url(dir: &Path, name: &FunctionName) -> String {
@@ -74,7 +75,13 @@ impl SourceDir {
                 .describe(name)
                 .is_ok_and(|l| l.sha256 == sha256_hex(bytes) && is_managed(app, &l.source));
             if !same {
-                app.install(name, bytes, &source_url(&self.dir, name), Origin::SourceDir)?;
+                match app.install(name, bytes, &source_url(&self.dir, name), Origin::SourceDir) {
+                    Ok(_) => {}
+                    // Code that would not serve is skipped (an older version keeps
+                    // serving) until the file changes; the others go on.
+                    Err(e @ crate::error::Error::Unprocessable(_)) => warn!("{e}"),
+                    Err(e) => return Err(e),
+                }
             }
         }
         for name in app.store.list()? {

@@ -2,7 +2,6 @@
 //! directory. Installs and deletes are atomic renames, so a crash at any moment
 //! leaves the old function or the new one, never half of one.
 
-use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -14,10 +13,9 @@ use log::{info, warn};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::sys;
+use crate::invoke::runner::RUNNER;
+use crate::name::FunctionName;
 
-/// The runner every invocation executes, embedded so the binary is a complete install.
-pub const RUNNER: &str = include_str!("../python/index.py");
 /// The default function, always present.
 pub const ECHO: &str = include_str!("../python/echo/handler.py");
 
@@ -29,54 +27,6 @@ const RUNTIME: &str = ".runtime";
 const STAGE: &str = ".stage-";
 const TRASH: &str = ".trash-";
 const OLD: &str = ".old-";
-
-/// A validated function name: `^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$`, not reserved.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct FunctionName(String);
-
-impl FunctionName {
-    /// Checks `s` against the naming rule; the error says why in one line.
-    pub fn parse(s: &str) -> Result<FunctionName> {
-        let shown = || format!("{:?}", s.chars().take(80).collect::<String>());
-        if s.starts_with('_') {
-            return Err(Error::BadName(format!(
-                "invalid function name {}: names starting with '_' are reserved",
-                shown()
-            )));
-        }
-        if s == "mgmt" {
-            return Err(Error::BadName(
-                "invalid function name \"mgmt\": it is reserved".into(),
-            ));
-        }
-        let mut chars = s.chars();
-        let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
-        let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-        if !first_ok || !rest_ok || s.len() > 64 {
-            return Err(Error::BadName(format!(
-                "invalid function name {}: use 1 to 64 letters, digits, '_' or '-', starting with a letter or digit",
-                shown()
-            )));
-        }
-        Ok(FunctionName(s.to_string()))
-    }
-
-    /// The name as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// True for the protected default function.
-    pub fn is_echo(&self) -> bool {
-        self.0 == "echo"
-    }
-}
-
-impl fmt::Display for FunctionName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
 
 /// What the store keeps beside each handler.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -200,8 +150,15 @@ impl Store {
         serde_json::from_slice::<Meta>(&m).ok().map(|m| m.source)
     }
 
-    /// Installs `source` as function `name`, atomically replacing any old version.
-    pub fn install(&self, name: &FunctionName, source: &[u8], origin: &str) -> Result<Installed> {
+    /// Installs `source` as function `name`, atomically replacing any old version,
+    /// once `verify` accepts the staged `handler.py`; if it refuses, nothing changes.
+    pub fn install(
+        &self,
+        name: &FunctionName,
+        source: &[u8],
+        origin: &str,
+        verify: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<Installed> {
         if name.is_echo() {
             return Err(Error::Protected);
         }
@@ -213,13 +170,17 @@ impl Store {
             sha256: sha256_hex(source),
             size: source.len() as u64,
         };
-        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        // Staged and checked outside the lock: a slow import check holds up no other install.
         let stage = self.scratch(STAGE, name);
-        let staged = self.stage(&stage, source, &meta);
+        let staged = self
+            .stage(&stage, source, &meta)
+            .map_err(Error::from)
+            .and_then(|()| verify(&stage.join(HANDLER)));
         if let Err(e) = staged {
             let _ = fs::remove_dir_all(&stage);
-            return Err(e.into());
+            return Err(e);
         }
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let target = self.dir.join(name.as_str());
         let outcome = if target.exists() {
             self.swap_in(&stage, &target)?;
@@ -271,7 +232,15 @@ impl Store {
     /// Replaces `target` by `stage` in one step where the file system can
     /// (RENAME_EXCHANGE), else in two renames that `recover` can undo.
     fn swap_in(&self, stage: &Path, target: &Path) -> io::Result<()> {
-        match sys::rename_exchange(stage, target) {
+        let exchanged = rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            stage,
+            rustix::fs::CWD,
+            target,
+            rustix::fs::RenameFlags::EXCHANGE,
+        )
+        .map_err(io::Error::from);
+        match exchanged {
             Ok(()) => {
                 // `stage` now holds the old version.
                 let _ = fs::remove_dir_all(stage);
@@ -395,53 +364,6 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn valid_names_are_accepted() {
-        for ok in ["a", "echo", "A9", "avg_2-x", &"x".repeat(64), "0"] {
-            assert!(FunctionName::parse(ok).is_ok(), "{ok}");
-        }
-    }
-
-    #[test]
-    fn invalid_and_reserved_names_are_refused_with_a_reason() {
-        for bad in [
-            "",
-            "_x",
-            "-x",
-            "mgmt",
-            "a.py",
-            "..",
-            "a/b",
-            "a b",
-            "é",
-            "a\0",
-            &"x".repeat(65),
-            "x.",
-        ] {
-            let err = FunctionName::parse(bad).unwrap_err();
-            assert_eq!(err.status(), 400, "{bad:?}");
-            assert!(
-                err.to_string().starts_with("invalid function name"),
-                "{err}"
-            );
-        }
-    }
-
-    proptest::proptest! {
-        /// Whatever the input, parsing never panics, and anything accepted is a
-        /// single safe path component matching the naming rule.
-        #[test]
-        fn any_accepted_name_is_one_safe_component(s in "\\PC{0,80}|[A-Za-z0-9_.%/-]{0,70}") {
-            if let Ok(n) = FunctionName::parse(&s) {
-                let n = n.as_str();
-                proptest::prop_assert!(n.len() <= 64 && !n.is_empty());
-                proptest::prop_assert!(n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'));
-                proptest::prop_assert!(n.as_bytes()[0].is_ascii_alphanumeric());
-                proptest::prop_assert!(n != "mgmt");
-            }
-        }
-    }
 
     #[test]
     fn rfc3339_matches_known_instants() {

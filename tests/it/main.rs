@@ -7,6 +7,7 @@ pub const MODE: &str = "fork";
 mod support;
 
 mod abuse;
+mod engine;
 mod faults;
 mod front;
 mod hostile;

@@ -20,6 +20,11 @@ struct Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
+        // The master and its workers: nginx's own process group (a killed master
+        // leaves its workers running).
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -75,7 +80,9 @@ fn start_nginx(upstream: u16) -> Option<Nginx> {
     );
     let conf_path = dir.path().join("nginx.conf");
     std::fs::write(&conf_path, conf).unwrap();
+    use std::os::unix::process::CommandExt;
     let child = Command::new(bin)
+        .process_group(0)
         .arg("-e")
         .arg(p("error.log"))
         .arg("-p")

@@ -143,14 +143,27 @@ fn a_plain_folder_works_too_and_bad_files_are_skipped() {
     std::fs::write(dir.join("_hidden.py"), V1).unwrap();
     std::fs::write(dir.join("echo.py"), V2).unwrap();
     std::fs::write(dir.join("notes.txt"), "x").unwrap();
+    // Code that would not serve is skipped, and does not hold up the others.
+    std::fs::write(dir.join("broken.py"), "def handle(req)\n").unwrap();
     let d = daemon_with(&dir);
     assert_eq!(d.names(), ["echo", "ok"]);
+    assert!(
+        d.log().contains("broken.py cannot serve: SyntaxError"),
+        "{}",
+        d.log()
+    );
     assert_eq!(d.req("POST", "/echo", b"same").text(), "same\n");
     std::fs::write(dir.join("ok.py"), V2).unwrap();
     assert!(eventually(Duration::from_secs(10), || d
         .req("GET", "/ok", b"")
         .text()
         == "v2\n"));
+    // A broken update keeps the version that serves.
+    std::fs::write(dir.join("ok.py"), "import no_such_module_anywhere\n").unwrap();
+    assert!(eventually(Duration::from_secs(10), || d
+        .log()
+        .contains("ok.py cannot serve: ModuleNotFoundError")));
+    assert_eq!(d.req("GET", "/ok", b"").text(), "v2\n");
     std::fs::remove_file(dir.join("ok.py")).unwrap();
     assert!(eventually(Duration::from_secs(10), || d.names() == ["echo"]));
 }

@@ -100,7 +100,9 @@ fn a_crashed_zygote_is_restarted_and_the_request_succeeds() {
         .args(["-9", &zygote.to_string()])
         .status()
         .unwrap();
-    // No waiting: the very next request may still find the dead one.
+    // Once it is gone (a SIGKILL takes a moment), the very next request still finds
+    // the daemon's handle on the dead one, and must be run in a new one.
+    assert!(eventually(Duration::from_secs(5), || !alive(zygote)));
     let (again, _) = who(&d, "who");
     assert_ne!(again, zygote);
     assert_eq!(d.req("POST", "/echo", b"x").text(), "x\n");
@@ -114,13 +116,21 @@ fn a_crashed_zygote_is_restarted_and_the_request_succeeds() {
 #[test]
 fn a_handler_whose_import_hangs_times_out_and_its_zygote_is_replaced() {
     let d = Daemon::start(&[("EDGEFAAS_EXEC_TIMEOUT", "1")]);
+    // Imports fine at install; hangs at import while the marker exists (a network
+    // share gone away, say).
+    let marker = d.scratch("hang");
     d.upload(
         "stuck",
-        "import time\ntime.sleep(300)\ndef handle(req):\n    return 'never'\n",
+        &format!(
+            "import os, time\nwhile os.path.exists({:?}):\n    time.sleep(0.05)\ndef handle(req):\n    return 'fixed'\n",
+            marker.to_str().unwrap()
+        ),
     );
+    // Not warm yet: an update retires the zygote the install check did not start.
+    std::fs::write(&marker, "1").unwrap();
     let r = d.req("POST", "/stuck", b"");
     assert_eq!(r.status, 504, "{r:?}");
-    d.upload("stuck", "def handle(req):\n    return 'fixed'\n");
+    std::fs::remove_file(&marker).unwrap();
     assert_eq!(d.req("POST", "/stuck", b"").text(), "fixed\n");
     assert!(
         eventually(Duration::from_secs(5), || d.strays().is_empty()),

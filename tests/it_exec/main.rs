@@ -7,6 +7,8 @@ pub const MODE: &str = "exec";
 #[path = "../it/support/mod.rs"]
 mod support;
 
+#[path = "../it/engine.rs"]
+mod engine;
 #[path = "../it/invoke.rs"]
 mod invoke;
 #[path = "../it/lifecycle.rs"]

@@ -343,18 +343,23 @@ impl Drop for Daemon {
 }
 
 impl Daemon {
-    /// Descendants of the daemon that should not exist: anything but an idle
-    /// zygote, and any zombie. Empty when every invocation cleaned up after itself.
+    /// Descendants of the daemon that should not exist: anything but the fork-mode
+    /// base, its zygotes and their idle spares, and any zombie. Empty when every
+    /// invocation cleaned up after itself.
     pub fn strays(&self) -> Vec<String> {
         let mut out = Vec::new();
-        let mut stack = vec![self.pid()];
-        while let Some(parent) = stack.pop() {
+        let me = self.pid();
+        let mut stack = vec![(me, 0usize)];
+        while let Some((parent, depth)) = stack.pop() {
             let (live, zombies) = children(parent);
             out.extend(zombies.iter().map(|z| format!("zombie {z}")));
             for pid in live {
-                stack.push(pid);
-                let zygote = cmdline(pid).iter().any(|a| a == "--zygote") && parent == self.pid();
-                if !zygote {
+                stack.push((pid, depth + 1));
+                let base = depth == 0 && cmdline(pid).iter().any(|a| a == "--base");
+                let zygote = depth == 1 && is_base(parent);
+                // An idle spare stays in its zygote's process group; a request's child leads its own.
+                let spare = depth == 2 && pgid(pid) == Some(parent);
+                if !(base || zygote || spare) {
                     out.push(format!("{pid} {:?}", cmdline(pid)));
                 }
             }
@@ -364,15 +369,17 @@ impl Daemon {
 
     /// The daemon's zygotes: function name -> pid.
     pub fn zygotes(&self) -> std::collections::BTreeMap<String, u32> {
-        children(self.pid())
+        let bases: Vec<u32> = children(self.pid())
             .0
             .into_iter()
+            .filter(|&p| is_base(p))
+            .collect();
+        bases
+            .into_iter()
+            .flat_map(|b| children(b).0)
             .filter_map(|pid| {
-                let args = cmdline(pid);
-                let at = args.iter().position(|a| a == "--zygote")?;
-                let handler = Path::new(args.get(at + 1)?);
-                let name = handler.parent()?.file_name()?.to_str()?.to_string();
-                Some((name, pid))
+                let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok()?;
+                Some((cwd.file_name()?.to_str()?.to_string(), pid))
             })
             .collect()
     }
@@ -394,6 +401,21 @@ impl Daemon {
     pub fn scratch(&self, file: &str) -> PathBuf {
         self.dir.parent().unwrap().join(file)
     }
+}
+
+/// True for the fork-mode base process.
+pub fn is_base(pid: u32) -> bool {
+    cmdline(pid).iter().any(|a| a == "--base")
+}
+
+/// The process group of a process.
+pub fn pgid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(2)?
+        .parse()
+        .ok()
 }
 
 /// A process's argv.
