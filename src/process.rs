@@ -103,17 +103,29 @@ pub fn kill_one(pid: u32) {
 }
 
 /// Kills every descendant of the daemon (shutdown after the grace period).
+/// The whole tree is read before anything is killed: a parent killed first
+/// would hand its children to init (where the daemon is not a subreaper) before
+/// the walk reached them. A few rounds catch what forked meanwhile.
 pub fn kill_descendants() {
     let me = std::process::id();
-    let mut frontier = vec![me];
-    let mut seen = HashSet::new();
-    while let Some(parent) = frontier.pop() {
-        for pid in children_of(parent) {
-            if seen.insert(pid) {
-                kill_group(pid);
-                kill_one(pid);
-                frontier.push(pid);
+    for _ in 0..3 {
+        let mut tree = Vec::new();
+        let mut frontier = vec![me];
+        let mut seen = HashSet::new();
+        while let Some(parent) = frontier.pop() {
+            for pid in children_of(parent) {
+                if seen.insert(pid) {
+                    tree.push(pid);
+                    frontier.push(pid);
+                }
             }
+        }
+        if tree.is_empty() {
+            return;
+        }
+        for &pid in &tree {
+            kill_group(pid);
+            kill_one(pid);
         }
     }
 }
