@@ -1,8 +1,11 @@
 """EdgeFaaS runner: runs a function's handle(req), a fresh process per request.
 
-    python3 index.py <dir>/handler.py          exec mode: one request, then exit
-    python3 index.py --base                    fork mode: the base process (base())
-    python3 index.py --check <dir>/handler.py  import the handler, report on fd 3
+    python3 index.py [--layers=<abi>] <dir>/handler.py   exec mode: one request, then exit
+    python3 index.py [--layers=<abi>] --base             fork mode: the base process (base())
+    python3 index.py --check <dir>/handler.py            import the handler, report on fd 3
+
+--layers: the daemon confined this process (Landlock ABI <abi>, 0 for none); the
+runner confines each child further (undumpable, its own folder and layer).
 
 The request body arrives on stdin and reaches handle() as str (bytes that are
 not UTF-8 survive as surrogates and are written back unchanged). What the
@@ -118,8 +121,9 @@ def exit_code(exc):
     return 1
 
 
-def finish(status, line, code):
-    """Closes the request's stdio, reports `line` on `status`, and exits."""
+def report(status, line):
+    """Closes the request's stdio and reports `line` on `status`: the daemon has the
+    whole output once the line arrives."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -134,22 +138,27 @@ def finish(status, line, code):
         os.write(status, line.encode("utf-8", "surrogateescape") + b"\n")
     except OSError:
         pass
-    os._exit(code)
 
 
-def serve(module, status):
-    """Runs one request on fds 0, 1 and 2, reports on `status`; never returns."""
+def run_handler(module):
+    """Runs one request on fds 0, 1 and 2; returns (status line, exit code or None to go on)."""
     try:
-        meta = emit(module.handle(read_request()))
-        finish(status, "R " + meta, 0)
+        return "R " + emit(module.handle(read_request())), None
     except SystemExit as exc:
         code = exit_code(exc)
-        finish(status, "R {}" if code == 0 else "F %d" % code, code)
+        return ("R {}" if code == 0 else "F %d" % code), code
     except BaseException:
         import traceback
 
         traceback.print_exc()
-        finish(status, "F 1", 1)
+        return "F 1", 1
+
+
+def serve(module, status):
+    """Runs one request, reports it on `status`, and exits."""
+    line, code = run_handler(module)
+    report(status, line)
+    os._exit(code or 0)
 
 
 def import_error(path, exc):
@@ -166,9 +175,11 @@ def import_error(path, exc):
     return text if line is None else "%s (line %d)" % (text, line)
 
 
-def check(path, out):
-    """Imports the handler in this throwaway process; writes `ok` or why not to `out`."""
+def check(path, out, opts=None, ruleset=None):
+    """Imports the handler in this throwaway process, confined as its zygote would
+    be; writes `ok` or why not to `out`."""
     try:
+        confine_function(opts or {}, ruleset)
         module = load(path)
         if not callable(getattr(module, "handle", None)):
             message = "handler.py defines no callable handle(req)"
@@ -180,21 +191,156 @@ def check(path, out):
     os._exit(0)
 
 
+# Confinement the runner adds itself (the daemon applies the base layer before
+# exec). Landlock through ctypes: the kernel's calls have no os.* wrapper.
+LANDLOCK_CREATE_RULESET, LANDLOCK_ADD_RULE, LANDLOCK_RESTRICT_SELF = 444, 445, 446
+PR_SET_DUMPABLE = 4
+_libc = None
+
+
+def libc():
+    global _libc
+    if _libc is None:
+        import ctypes
+
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def undumpable():
+    """No sibling can read this process's memory or environment, nor trace it."""
+    libc().prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+def restrict(ruleset):
+    """Enters the Landlock layer the daemon built (an fd); it closes the fd."""
+    import ctypes
+
+    if libc().syscall(LANDLOCK_RESTRICT_SELF, ruleset, 0) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, "landlock_restrict_self: " + os.strerror(errno))
+    os.close(ruleset)
+
+
+def write_rights(abi):
+    """The Landlock rights that change files, for this ABI."""
+    rights = (1 << 1) | sum(1 << b for b in range(4, 13))
+    if abi >= 2:
+        rights |= 1 << 13  # refer
+    if abi >= 3:
+        rights |= 1 << 14  # truncate
+    if abi >= 5:
+        rights |= 1 << 15  # ioctl_dev
+    return rights
+
+
+def confine_writes(folder, abi):
+    """A layer of its own: this process may write only under `folder` (and to
+    /dev/null and the like), and signal only itself and its own children."""
+    import ctypes
+
+    class Attr(ctypes.Structure):
+        _fields_ = [("fs", ctypes.c_uint64), ("net", ctypes.c_uint64), ("scoped", ctypes.c_uint64)]
+
+    class PathBeneath(ctypes.Structure):
+        _pack_ = 1
+        _fields_ = [("allowed", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+    rights = write_rights(abi)
+    size = 24 if abi >= 6 else 16 if abi >= 4 else 8
+    attr = Attr(rights, 0, 3 if abi >= 6 else 0)  # scope: abstract unix sockets, signals
+    c = libc()
+    ruleset = c.syscall(LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), 0)
+    if ruleset < 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, "landlock_create_ruleset: " + os.strerror(errno))
+    try:
+        for path, allowed in [(folder, rights)] + [(d, 1 << 1) for d in ("/dev/null", "/dev/zero", "/dev/full")]:
+            try:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except OSError:
+                continue
+            rule = PathBeneath(allowed, fd)
+            done = c.syscall(LANDLOCK_ADD_RULE, ruleset, 1, ctypes.byref(rule), 0)
+            os.close(fd)
+            if done != 0:
+                errno = ctypes.get_errno()
+                raise OSError(errno, "landlock_add_rule: " + os.strerror(errno))
+        restrict(ruleset)
+    except BaseException:
+        os.close(ruleset)
+        raise
+
+
+def confine_function(opts, ruleset):
+    """What a function's zygote (or its import check) applies before the handler's
+    code runs: its Landlock layer, its memory limit, its environment."""
+    if ruleset is not None:
+        restrict(ruleset)
+    if "memory" in opts:
+        import resource
+
+        limit = int(opts["memory"])
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    os.environ.update(opts.get("env", {}))
+    if "secrets" in opts:
+        os.environ["Secrets_Dir"] = opts["secrets"]
+
+
+def parse_options(fields):
+    """`key=value` fields of a base command; `env=K=V` repeats."""
+    opts = {"env": {}}
+    for field in fields:
+        key, _, value = os.fsdecode(field).partition("=")
+        if key == "env":
+            k, _, v = value.partition("=")
+            opts["env"][k] = v
+        else:
+            opts[key] = value
+    return opts
+
+
+def rmtree(path):
+    """Removes an invocation's folder (shutil costs a warm process more to hold)."""
+    try:
+        entries = list(os.scandir(path))
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        except OSError:
+            pass
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
 # Fork mode. The daemon starts one base process (`--base`), with the
 # interpreter and this runner loaded, on a SOCK_SEQPACKET socket as its fd 0.
-# Commands, each one message:
-#   b"Z\0<handler path>" + fd   fork a zygote for that function; fd: its socket
-#   b"C\0<handler path>" + fd   fork a throwaway child that imports it (check); fd: result pipe
-# answered b"pid <pid>". A zygote imports the handler, says b"ready <pid>" (or
-# b"fail <why>" and exits) on its socket, and keeps one spare child forked and
-# blocked on that socket. The daemon sends each request to the socket: its
-# environment as b"k\0v\0..." with four fds (stdin, stdout, stderr, status); the
-# spare that receives it tells the zygote (which forks the next spare and keeps
-# the status fd for the X line) and runs it. EOF on a socket ends its process.
+# Commands, each one message, answered b"pid <pid>":
+#   b"Z\0<handler>\0<k=v>..." + fds   fork a zygote; fds: its socket[, its Landlock layer]
+#   b"C\0<handler>\0<k=v>..." + fds   fork an import check; fds: result pipe[, layer]
+# Options: tmp=<its invocations' folder> memory=<bytes> cpu=<seconds> nproc=<n>
+# reuse=1 secrets=<folder> env=<K>=<V>... (and landlock=<abi>, which the base adds).
+# A fork the kernel refuses is answered b"err <errno>". A zygote imports the handler,
+# says b"ready <pid>" (or b"fail <why>" and exits) on its socket, and keeps one
+# spare child forked and blocked on that socket. The daemon sends each request to
+# the socket: its environment as b"k\0v\0..." (TMPDIR names the request's folder)
+# with four fds (stdin, stdout, stderr, status) and a fifth, the request's Landlock
+# layer, when there is one; the spare that receives it enters the layer, tells the
+# zygote (which forks the next spare and keeps the status fd for the X line) and
+# runs it. With reuse=1 the one child makes its own folder and layer and serves
+# request after request. EOF on a socket ends its process.
 
 
-def base():
+def base(landlock):
     import gc
+    import resource  # noqa: loaded here, once, for the zygotes' and children's limits
     import select
     import signal
     import socket
@@ -203,6 +349,8 @@ def base():
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.close(devnull)
+    if landlock is not None:
+        undumpable()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
@@ -225,24 +373,34 @@ def base():
                     if pid == 0:
                         break
                 continue
-            data, fds = recv_fds(ctl, 1 << 16, 1)
+            data, fds = recv_fds(ctl, 1 << 16, 2)
             if not data:
                 os._exit(0)
-            kind, path = data.split(b"\0", 1)
-            path = os.fsdecode(path)
+            fields = data.split(b"\0")
+            kind, path, opts = fields[0], os.fsdecode(fields[1]), parse_options(fields[2:])
+            if landlock is not None:
+                opts["landlock"] = landlock
+            ruleset = fds[1] if len(fds) > 1 else None
             sys.stdout.flush()
             sys.stderr.flush()
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError as exc:  # out of processes: the daemon answers 503
+                for passed in fds:
+                    os.close(passed)
+                ctl.send(b"err %d" % exc.errno)
+                continue
             if pid == 0:
                 ctl.close()
                 for own in (wake_r, wake_w):
                     os.close(own)
                 signal.set_wakeup_fd(-1)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                os.setpgid(0, 0)
                 if kind == b"Z":
-                    zygote(socket.socket(fileno=fds[0]), path)
+                    zygote(socket.socket(fileno=fds[0]), path, opts, ruleset)
                 else:
-                    check(path, fds[0])
+                    check(path, fds[0], opts, ruleset)
                 os._exit(1)
             for passed in fds:
                 os.close(passed)
@@ -277,16 +435,16 @@ def drain(fd):
         pass
 
 
-def zygote(requests, path):
+def zygote(requests, path, opts, ruleset):
     """A function's warm process: imports the handler once, then keeps a spare child."""
     import gc
     import select
     import signal
     import socket
 
-    os.setpgid(0, 0)
-    os.chdir(os.path.dirname(os.path.abspath(path)))
     try:
+        confine_function(opts, ruleset)
+        os.chdir(os.path.dirname(os.path.abspath(path)))
         module = load(path)
         if not callable(getattr(module, "handle", None)):
             raise AttributeError("handler.py defines no callable handle(req)")
@@ -307,16 +465,22 @@ def zygote(requests, path):
     own_fds = (taken.fileno(), wake_r, wake_w)
 
     def fork_spare():
+        nonlocal want_spare
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            want_spare = True  # out of processes: tried again shortly
+            return
+        want_spare = False
         if pid == 0:
             # Other requests' status pipes stay the zygote's: their EOF means their child is gone.
             for fd in own_fds + tuple(running.values()):
                 os.close(fd)
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            spare(requests, take, module)
+            spare(requests, take, module, opts)
         spares.add(pid)
 
     def note_taken():
@@ -351,6 +515,8 @@ def zygote(requests, path):
                 except OSError:
                     pass
             _, status = os.waitpid(pid, 0)
+            if reuse:  # a reused child's own folder (otherwise the daemon's)
+                rmtree(os.path.join(opts["tmp"], str(pid)))
             fd = running.pop(pid, None)
             if fd is not None:
                 try:
@@ -364,6 +530,8 @@ def zygote(requests, path):
                     fork_spare()
 
     accepting = True
+    want_spare = False
+    reuse = opts.get("reuse") == "1" and "tmp" in opts
     requests.send(b"ready %d" % os.getpid())
     fork_spare()
     poller = select.poll()
@@ -371,7 +539,9 @@ def zygote(requests, path):
     poller.register(taken, select.POLLIN)
     poller.register(wake_r, select.POLLIN)
     while accepting or running:
-        for fd, events in poller.poll():
+        if want_spare and accepting and not spares:
+            fork_spare()
+        for fd, events in poller.poll(100 if want_spare else None):
             if fd == wake_r:
                 drain(wake_r)
                 reap()
@@ -384,15 +554,37 @@ def zygote(requests, path):
     os._exit(0)
 
 
-def spare(requests, take, module):
-    """A child forked ahead of its request: waits for it, then serves it."""
+def spare(requests, take, module, opts):
+    """A child forked ahead of its request: waits for the request, enters the
+    request's own layer (its folder, from the daemon), then serves it. With reuse=1
+    it makes its own folder and layer once and serves one request after another."""
+    import resource
+
+    pid = os.getpid()
+    if "nproc" in opts:
+        nproc = int(opts["nproc"])
+        resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+    if opts.get("reuse") == "1":
+        if "tmp" in opts:
+            folder = os.path.join(opts["tmp"], str(pid))
+            os.mkdir(folder, 0o700)
+            if int(opts.get("landlock", "0")) > 0:
+                confine_writes(folder, int(opts["landlock"]))
+            os.environ["TMPDIR"] = folder
+            if "tempfile" in sys.modules:
+                sys.modules["tempfile"].tempdir = None
+        serve_in_turn(requests, module, opts)
+    if "cpu" in opts:
+        cpu = int(opts["cpu"])
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     try:
-        data, fds = recv_fds(requests, REQUEST_MAX, 4)
+        data, fds = recv_fds(requests, REQUEST_MAX, 5)
     except OSError:
         os._exit(0)
-    if not data or len(fds) != 4:
+    if not data or len(fds) < 4:
         os._exit(0)
-    pid = os.getpid()
+    if len(fds) == 5:
+        restrict(fds[4])  # the request's layer: it writes only its own folder
     os.setpgid(0, 0)
     status = fds[3]
     try:
@@ -406,7 +598,52 @@ def spare(requests, take, module):
         os.dup2(fd, target)
         os.close(fd)
     apply_env(data)
+    if "tempfile" in sys.modules:
+        sys.modules["tempfile"].tempdir = None  # TMPDIR is the request's folder now
     serve(module, status)
+
+
+def serve_in_turn(requests, module, opts):
+    """reuse=1: one child, many requests, its state kept between them. Each request
+    still gets its own pipes and environment; a crash or a kill ends the child (the
+    zygote forks another, with fresh state)."""
+    import resource
+
+    os.setpgid(0, 0)
+    pid = os.getpid()
+    cpu = int(opts.get("cpu", "0"))
+    clean_env = dict(os.environ)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    while True:
+        try:
+            data, fds = recv_fds(requests, REQUEST_MAX, 4)
+        except OSError:
+            os._exit(0)
+        if not data or len(fds) != 4:
+            os._exit(0)
+        status = fds[3]
+        os.write(status, b"P %d\n" % pid)
+        for target, fd in enumerate(fds[:3]):
+            os.dup2(fd, target)
+            os.close(fd)
+        apply_env(data)
+        if cpu:
+            used = resource.getrusage(resource.RUSAGE_SELF)
+            spent = int(used.ru_utime + used.ru_stime)
+            # Only the soft limit moves (a hard one cannot be raised again); the
+            # daemon's deadline kill bounds the request whatever the handler does.
+            hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+            resource.setrlimit(resource.RLIMIT_CPU, (spent + cpu, hard))
+        line, code = run_handler(module)
+        report(status, line)
+        os.close(status)
+        if code is not None and not line.startswith("R"):
+            os._exit(code)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        for key in [k for k in os.environ if k not in clean_env]:
+            del os.environ[key]
+        os.environ.update(clean_env)
 
 
 def apply_env(data):
@@ -454,18 +691,25 @@ def rehearse():
 
 def main():
     sys.stdout.reconfigure(encoding="utf-8", errors="surrogateescape")
-    if sys.argv[1] == "--base":
-        base()
-    elif sys.argv[1] == "--check":
-        check(sys.argv[2], STATUS_FD)
+    args = sys.argv[1:]
+    landlock = None
+    if args and args[0].startswith("--layers="):
+        landlock = int(args.pop(0).split("=", 1)[1])
+    if args[0] == "--base":
+        base(landlock)
+    elif args[0] == "--check":
+        check(args[1], STATUS_FD)
     else:
+        if landlock is not None:
+            undumpable()
         try:
-            module = load(sys.argv[1])
+            module = load(args[0])
         except BaseException:
             import traceback
 
             traceback.print_exc()
-            finish(STATUS_FD, "F 1", 1)
+            report(STATUS_FD, "F 1")
+            os._exit(1)
         serve(module, STATUS_FD)
 
 

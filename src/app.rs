@@ -1,6 +1,5 @@
 //! The daemon's shared state, built once at start-up and handed to every worker.
 
-use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -12,6 +11,8 @@ use crate::invoke::{Invoker, Settings};
 use crate::metrics::{Gauges, Metrics, Origin};
 use crate::name::FunctionName;
 use crate::process::Processes;
+use crate::sandbox::{self, Interpreter, Sandbox};
+use crate::settings::Settings as Own;
 use crate::store::{Installed, Store};
 
 /// Everything a request handler may use.
@@ -23,6 +24,8 @@ pub struct App {
     pub procs: Arc<Processes>,
     pub lanes: Lanes,
     pub metrics: Metrics,
+    /// What the interpreter said about itself at start-up.
+    pub interpreter: Interpreter,
     /// The server, once listening: admitting a job from outside the workers wakes one.
     pub server: Arc<OnceLock<Arc<tiny_http::Server>>>,
     draining: AtomicBool,
@@ -41,9 +44,32 @@ pub const MAX_CHANGES: usize = 2;
 const CHANGE_QUEUE: usize = 32;
 
 impl App {
-    /// Opens the store and sets up the invoker and fetcher from `config`.
-    pub fn new(config: Config) -> io::Result<App> {
-        let store = Store::open(&config.functions_dir)?;
+    /// Opens the store, probes the interpreter and the kernel, and sets up the
+    /// invoker and fetcher from `config`; `Err` says what stops start-up.
+    pub fn new(config: Config) -> std::result::Result<App, String> {
+        let store = Store::open(&config.functions_dir)
+            .map_err(|e| format!("cannot open the functions dir: {e}"))?;
+        let interpreter =
+            sandbox::probe(&config.python).map_err(|e| format!("EDGEFAAS_PYTHON: {e}"))?;
+        let tmp_root = std::env::temp_dir().join(format!("edgefaas-run.{}", std::process::id()));
+        remove_stale_tmp(&std::env::temp_dir());
+        let runtime = store
+            .runner_path()
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_default();
+        let private: Vec<_> = config.mgmt_token_file.iter().cloned().collect();
+        let places = sandbox::Places {
+            functions_dir: store.dir(),
+            runtime_dir: &runtime,
+            secrets_dir: config.secrets_dir.as_deref(),
+            tmp_root: &tmp_root,
+            private: &private,
+        };
+        let daemon_tasks = (config.workers + config.max_connections + 16) as u64;
+        let sandbox = Sandbox::new(config.sandbox, &interpreter, &places, daemon_tasks)
+            .verify(&config.python)?;
+        sandbox.strict_ok()?;
         let procs = Arc::new(Processes::default());
         let invoker = Invoker::new(
             Settings {
@@ -54,9 +80,12 @@ impl App {
                 mode: config.mode,
                 max_warm: config.max_warm,
                 idle: config.idle_timeout,
+                secrets_dir: config.secrets_dir.clone(),
             },
+            Arc::new(sandbox),
             procs.clone(),
-        )?;
+        )
+        .map_err(|e| format!("cannot start the invoker: {e}"))?;
         let server: Arc<OnceLock<Arc<tiny_http::Server>>> = Arc::default();
         let waker = |server: &Arc<OnceLock<Arc<tiny_http::Server>>>| {
             let server = server.clone();
@@ -85,6 +114,7 @@ impl App {
             lanes,
             server,
             metrics: Metrics::default(),
+            interpreter,
             draining: AtomicBool::new(false),
             store,
             invoker,
@@ -100,16 +130,23 @@ impl App {
 
     /// Installs a function once its code imports and has a `handle` (else 422 and
     /// nothing changes); once this returns, no request is served the old code.
+    /// Its settings: the old ones, then its header lines, then `query`'s.
     pub fn install(
         &self,
         name: &FunctionName,
         source: &[u8],
         origin: &str,
         kind: Origin,
+        query: &str,
     ) -> Result<Installed> {
-        let outcome = self.store.install(name, source, origin, |staged| {
-            self.invoker.check(name, staged)
-        })?;
+        let old = self.store.settings(name);
+        let old = self.store.handler(name).is_ok().then_some(old.as_ref());
+        let own = Own::for_install(old, source, query)?;
+        let outcome = self
+            .store
+            .install(name, source, origin, own.clone(), |staged| {
+                self.invoker.check(name, staged, &own)
+            })?;
         self.invoker.forget(name);
         self.metrics.installed(kind);
         Ok(outcome)
@@ -132,6 +169,8 @@ impl App {
             max_inflight: self.config.max_inflight,
             max_queue: self.config.max_queue,
             zygotes: self.invoker.warm(),
+            sandbox: self.invoker.sandbox().features(),
+            landlock_abi: self.invoker.sandbox().landlock,
         })
     }
 
@@ -145,5 +184,25 @@ impl App {
     /// Invocations running now.
     pub fn inflight(&self) -> usize {
         self.lanes.invoke.depth().0
+    }
+}
+
+/// Removes the invocation folders of daemons that are gone (`edgefaas-run.<pid>`).
+fn remove_stale_tmp(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("edgefaas-run."))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
     }
 }

@@ -50,8 +50,15 @@ pub struct Config {
     pub max_function_size: u64,
     /// How long a function download may take (`EDGEFAAS_FETCH_TIMEOUT`).
     pub fetch_timeout: Duration,
-    /// Bearer token guarding `/mgmt` (`EDGEFAAS_MGMT_TOKEN`); `None` leaves it open.
+    /// Bearer token guarding `/mgmt` (`EDGEFAAS_MGMT_TOKEN`, or the file named by
+    /// `EDGEFAAS_MGMT_TOKEN_FILE`); `None` leaves it open.
     pub mgmt_token: Option<String>,
+    /// `EDGEFAAS_MGMT_TOKEN_FILE`, which no function may read.
+    pub mgmt_token_file: Option<PathBuf>,
+    /// How much confinement function processes get (`EDGEFAAS_SANDBOX`).
+    pub sandbox: crate::sandbox::Level,
+    /// Per-function secret folders, `<dir>/<name>/` (`EDGEFAAS_SECRETS_DIR`).
+    pub secrets_dir: Option<PathBuf>,
     /// How long SIGTERM waits for in-flight invocations (`EDGEFAAS_SHUTDOWN_GRACE`).
     pub shutdown_grace: Duration,
     /// Fork from a warm zygote, or exec a new Python per request (`EDGEFAAS_MODE`).
@@ -96,6 +103,9 @@ impl Default for Config {
             max_function_size: 256 * 1024,
             fetch_timeout: Duration::from_secs(30),
             mgmt_token: None,
+            mgmt_token_file: None,
+            sandbox: crate::sandbox::Level::BestEffort,
+            secrets_dir: None,
             shutdown_grace: Duration::from_secs(10),
             mode: Mode::Fork,
             idle_timeout: Duration::from_secs(300),
@@ -149,7 +159,7 @@ impl Config {
             e.value = format!("{} (at least EDGEFAAS_MAX_INFLIGHT + 3 = {least})", e.value);
             e
         })?;
-        let token = get("EDGEFAAS_MGMT_TOKEN").filter(|t| !t.is_empty());
+        let token = token(&get)?;
         Ok(Config {
             bind: parse(&get, "EDGEFAAS_BIND", d.bind, any)?,
             port: parse(&get, "EDGEFAAS_PORT", d.port, any)?,
@@ -174,6 +184,13 @@ impl Config {
             )?,
             fetch_timeout: seconds(&get, "EDGEFAAS_FETCH_TIMEOUT", d.fetch_timeout)?,
             mgmt_token: token,
+            mgmt_token_file: get("EDGEFAAS_MGMT_TOKEN_FILE")
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from),
+            sandbox: parse(&get, "EDGEFAAS_SANDBOX", d.sandbox, any)?,
+            secrets_dir: get("EDGEFAAS_SECRETS_DIR")
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from),
             shutdown_grace: seconds(&get, "EDGEFAAS_SHUTDOWN_GRACE", d.shutdown_grace)?,
             mode: parse(&get, "EDGEFAAS_MODE", d.mode, any)?,
             idle_timeout: seconds(&get, "EDGEFAAS_IDLE_TIMEOUT", d.idle_timeout)?,
@@ -201,6 +218,50 @@ impl Config {
     /// The socket address the server binds.
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::new(self.bind, self.port)
+    }
+}
+
+/// The management token, from `EDGEFAAS_MGMT_TOKEN` or the file `EDGEFAAS_MGMT_TOKEN_FILE`
+/// names (a mounted Kubernetes Secret; one trailing newline is dropped). Set but
+/// empty stops start-up: an empty token would guard nothing.
+fn token(get: &impl Fn(&str) -> Option<String>) -> Result<Option<String>, ConfigError> {
+    let err = |var: &'static str, value: String, expected: &'static str| ConfigError {
+        var,
+        value,
+        expected,
+    };
+    let token = match (get("EDGEFAAS_MGMT_TOKEN"), get("EDGEFAAS_MGMT_TOKEN_FILE")) {
+        (Some(_), Some(file)) => {
+            return Err(err(
+                "EDGEFAAS_MGMT_TOKEN_FILE",
+                file,
+                "to be set without EDGEFAAS_MGMT_TOKEN (one source of the token)",
+            ));
+        }
+        (Some(t), None) => Some(("EDGEFAAS_MGMT_TOKEN", t, String::new())),
+        (None, Some(file)) => match std::fs::read_to_string(&file) {
+            Ok(t) => Some(("EDGEFAAS_MGMT_TOKEN_FILE", t, file)),
+            Err(e) => {
+                return Err(err(
+                    "EDGEFAAS_MGMT_TOKEN_FILE",
+                    format!("{file} ({e})"),
+                    "a readable file holding the token",
+                ));
+            }
+        },
+        (None, None) => None,
+    };
+    match token {
+        None => Ok(None),
+        Some((var, t, file)) => {
+            let t = t.strip_suffix('\n').unwrap_or(&t);
+            let t = t.strip_suffix('\r').unwrap_or(t);
+            if t.trim().is_empty() || t.contains(['\n', '\0']) {
+                let shown = if file.is_empty() { t.to_string() } else { file };
+                return Err(err(var, shown, "a token that is not empty (one line)"));
+            }
+            Ok(Some(t.to_string()))
+        }
     }
 }
 
@@ -260,6 +321,7 @@ fn expectation(var: &str) -> &'static str {
         "EDGEFAAS_BIND" => "an IP address such as 0.0.0.0 or ::",
         "EDGEFAAS_PORT" => "a port number from 0 to 65535",
         "EDGEFAAS_MODE" => "fork or exec",
+        "EDGEFAAS_SANDBOX" => "strict, best-effort or off",
         "EDGEFAAS_EXEC_TIMEOUT"
         | "EDGEFAAS_FETCH_TIMEOUT"
         | "EDGEFAAS_SHUTDOWN_GRACE"
@@ -360,12 +422,29 @@ mod tests {
     }
 
     #[test]
-    fn empty_token_means_open() {
+    fn an_empty_token_stops_start_up_and_a_file_may_hold_it() {
+        let err = from(&[("EDGEFAAS_MGMT_TOKEN", "")])
+            .err()
+            .expect("an error");
+        assert!(err.to_string().starts_with("EDGEFAAS_MGMT_TOKEN:"), "{err}");
+        assert!(from(&[]).unwrap().mgmt_token.is_none());
+        let dir = std::env::temp_dir().join(format!("edgefaas-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let f = file.to_str().unwrap();
+        let c = from(&[("EDGEFAAS_MGMT_TOKEN_FILE", f)]).unwrap();
+        assert_eq!(c.mgmt_token.as_deref(), Some("s3cret"));
+        std::fs::write(&file, "\n").unwrap();
+        assert!(from(&[("EDGEFAAS_MGMT_TOKEN_FILE", f)]).is_err());
+        assert!(from(&[("EDGEFAAS_MGMT_TOKEN_FILE", "/nonexistent/token")]).is_err());
         assert!(
-            from(&[("EDGEFAAS_MGMT_TOKEN", "")])
-                .unwrap()
-                .mgmt_token
-                .is_none()
+            from(&[
+                ("EDGEFAAS_MGMT_TOKEN", "a"),
+                ("EDGEFAAS_MGMT_TOKEN_FILE", f)
+            ])
+            .is_err()
         );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

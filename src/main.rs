@@ -15,7 +15,9 @@ mod mgmt;
 mod name;
 mod process;
 mod router;
+mod sandbox;
 mod server;
+mod settings;
 mod sourcedir;
 mod store;
 mod sys;
@@ -91,7 +93,10 @@ fn run() -> Result<(), String> {
     // Register before anything else so a SIGTERM during start-up is not lost.
     let mut signals =
         signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(|e| e.to_string())?;
-    let app = App::new(config).map_err(|e| format!("cannot open the functions dir: {e}"))?;
+    // No function may read our memory or /proc entries (the token), or trace us.
+    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+        .map_err(|e| format!("cannot make the daemon undumpable: {e}"))?;
+    let app = App::new(config)?;
     let app = Arc::new(app);
     let (inflight, queue, conns) = (
         app.config.max_inflight,
@@ -105,6 +110,13 @@ fn run() -> Result<(), String> {
             inflight + queue
         );
     }
+    info!(
+        "python: {} {} ({}); sandbox: {}",
+        app.interpreter.executable.display(),
+        app.interpreter.version,
+        app.config.python,
+        app.invoker.sandbox().report()
+    );
     if app.config.mgmt_token.is_none() {
         warn!("EDGEFAAS_MGMT_TOKEN is not set: anyone who reaches the port can install functions");
     }

@@ -44,6 +44,9 @@ pub struct Gauges {
     pub max_inflight: usize,
     pub max_queue: usize,
     pub zygotes: usize,
+    /// Sandbox features on (1) or off (0), and the Landlock ABI in use.
+    pub sandbox: Vec<(&'static str, bool)>,
+    pub landlock_abi: i32,
 }
 
 impl Default for Metrics {
@@ -219,6 +222,26 @@ impl Metrics {
         let _ = writeln!(o, "edgefaas_warm_zygotes {}", g.zygotes);
         head(
             &mut o,
+            "edgefaas_sandbox",
+            "gauge",
+            "Protections applied to every function process (1) or missing (0).",
+        );
+        for (feature, on) in &g.sandbox {
+            let _ = writeln!(
+                o,
+                "edgefaas_sandbox{{feature=\"{feature}\"}} {}",
+                u8::from(*on)
+            );
+        }
+        head(
+            &mut o,
+            "edgefaas_landlock_abi",
+            "gauge",
+            "The Landlock ABI functions are confined with (0: none).",
+        );
+        let _ = writeln!(o, "edgefaas_landlock_abi {}", g.landlock_abi);
+        head(
+            &mut o,
             "edgefaas_installs_total",
             "counter",
             "Functions installed or updated, by source.",
@@ -319,6 +342,8 @@ mod tests {
             max_inflight: 3,
             max_queue: 8,
             zygotes: 0,
+            sandbox: vec![("seccomp", true)],
+            landlock_abi: 6,
         });
         assert!(text.contains("edgefaas_invocations_total{function=\"f\",status=\"2xx\"} 1\n"));
         assert!(text.contains("edgefaas_invocations_total{function=\"f\",status=\"5xx\"} 1\n"));

@@ -34,7 +34,8 @@ pub fn change(app: &App, req: &mut Request) -> Result<Answer> {
         return Err(Error::ShuttingDown);
     }
     let url = req.url().to_string();
-    let rest = Target::parse(&url)?.rest;
+    let target = Target::parse(&url)?;
+    let (rest, query) = (target.rest, target.query);
     let body = req.take_body();
     let too_large = |limit: u64, var: &str| {
         Error::TooLarge(format!("request body is larger than {var} ({limit} bytes)"))
@@ -44,7 +45,7 @@ pub fn change(app: &App, req: &mut Request) -> Result<Answer> {
             if body.len() as u64 > MAX_COMMAND {
                 return Err(too_large(MAX_COMMAND, "the 8 KiB limit for a URL"));
             }
-            install_from_url(app, &String::from_utf8_lossy(&body))
+            install_from_url(app, &String::from_utf8_lossy(&body), query)
         }
         ("/", _) => {
             if body.len() as u64 > MAX_COMMAND {
@@ -61,7 +62,10 @@ pub fn change(app: &App, req: &mut Request) -> Result<Answer> {
                     "EDGEFAAS_MAX_FUNCTION_SIZE",
                 ));
             }
-            installed(&name, app.install(&name, &body, "upload", Origin::Upload)?)
+            installed(
+                &name,
+                app.install(&name, &body, "upload", Origin::Upload, query)?,
+            )
         }
         (path, _) => delete(app, &path_name(path)),
     }
@@ -142,12 +146,12 @@ fn writable(app: &App, name: &FunctionName) -> Result<()> {
     Ok(())
 }
 
-fn install_from_url(app: &App, text: &str) -> Result<Answer> {
+fn install_from_url(app: &App, text: &str, query: &str) -> Result<Answer> {
     let source = Source::parse(text)?;
     writable(app, &source.name)?;
     let bytes = app.fetcher.fetch(&source)?;
     app.metrics.downloaded(bytes.len());
-    let outcome = app.install(&source.name, &bytes, &source.url, Origin::Url)?;
+    let outcome = app.install(&source.name, &bytes, &source.url, Origin::Url, query)?;
     installed(&source.name, outcome)
 }
 

@@ -94,6 +94,7 @@ fn run(app: &App, req: &mut Request, name: &FunctionName) -> Result<Answer> {
         handler: &handler,
         body,
         env,
+        settings: app.store.settings(name),
     })
 }
 

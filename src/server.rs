@@ -162,7 +162,7 @@ fn dispatch(app: &Arc<App>, req: Request) {
                 app: app.clone(),
                 req,
                 key: name.to_string(),
-                limit: usize::MAX,
+                limit: app.store.settings(&name).concurrency_limit(),
                 work: Work::Invoke(name),
                 started,
             },

@@ -75,7 +75,13 @@ impl SourceDir {
                 .describe(name)
                 .is_ok_and(|l| l.sha256 == sha256_hex(bytes) && is_managed(app, &l.source));
             if !same {
-                match app.install(name, bytes, &source_url(&self.dir, name), Origin::SourceDir) {
+                match app.install(
+                    name,
+                    bytes,
+                    &source_url(&self.dir, name),
+                    Origin::SourceDir,
+                    "",
+                ) {
                     Ok(_) => {}
                     // Code that would not serve is skipped (an older version keeps
                     // serving) until the file changes; the others go on.

@@ -2,11 +2,12 @@
 //! directory. Installs and deletes are atomic renames, so a crash at any moment
 //! leaves the old function or the new one, never half of one.
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use log::{info, warn};
@@ -15,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::invoke::runner::RUNNER;
 use crate::name::FunctionName;
+use crate::settings::Settings;
 
 /// The default function, always present.
 pub const ECHO: &str = include_str!("../python/echo/handler.py");
@@ -39,6 +41,9 @@ pub struct Meta {
     pub sha256: String,
     /// Size of handler.py in bytes.
     pub size: u64,
+    /// The function's own settings (header lines and install query).
+    #[serde(default)]
+    pub settings: Settings,
 }
 
 /// One row of the JSON listing.
@@ -50,6 +55,7 @@ pub struct Listing {
     pub source: String,
     /// RFC 3339, UTC.
     pub installed_at: String,
+    pub settings: Settings,
 }
 
 /// Whether an install made a new function or replaced one.
@@ -64,6 +70,8 @@ pub struct Store {
     dir: PathBuf,
     /// Serialises writers; readers need no lock because every change is one rename.
     write: Mutex<()>,
+    /// Settings read from metadata, by function; a change of the function drops its entry.
+    settings: Mutex<HashMap<FunctionName, Arc<Settings>>>,
     seq: AtomicU64,
 }
 
@@ -76,6 +84,7 @@ impl Store {
         let store = Store {
             dir,
             write: Mutex::new(()),
+            settings: Mutex::default(),
             seq: AtomicU64::new(0),
         };
         store.recover()?;
@@ -125,6 +134,7 @@ impl Store {
             .ok()
             .and_then(|m| serde_json::from_slice::<Meta>(&m).ok())
             .filter(|m| m.sha256 == sha256);
+        let settings = self.settings(name).as_ref().clone();
         let (source, secs) = match meta {
             Some(m) => (m.source, m.installed_at),
             None => {
@@ -141,7 +151,25 @@ impl Store {
             sha256,
             source,
             installed_at: rfc3339(secs),
+            settings,
         })
+    }
+
+    /// The settings of an installed function (its defaults if it has no metadata).
+    pub fn settings(&self, name: &FunctionName) -> Arc<Settings> {
+        let mut cache = self.settings.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = cache.get(name) {
+            return s.clone();
+        }
+        let s = Arc::new(
+            fs::read(self.dir.join(name.as_str()).join(META))
+                .ok()
+                .and_then(|m| serde_json::from_slice::<Meta>(&m).ok())
+                .map(|m| m.settings)
+                .unwrap_or_default(),
+        );
+        cache.insert(name.clone(), s.clone());
+        s
     }
 
     /// The recorded source of an installed function, if it has metadata.
@@ -157,6 +185,7 @@ impl Store {
         name: &FunctionName,
         source: &[u8],
         origin: &str,
+        settings: Settings,
         verify: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<Installed> {
         if name.is_echo() {
@@ -169,6 +198,7 @@ impl Store {
                 .map_or(0, |d| d.as_secs()),
             sha256: sha256_hex(source),
             size: source.len() as u64,
+            settings,
         };
         // Staged and checked outside the lock: a slow import check holds up no other install.
         let stage = self.scratch(STAGE, name);
@@ -189,6 +219,7 @@ impl Store {
             fs::rename(&stage, &target)?;
             Installed::Created
         };
+        self.forget_settings(name);
         sync_dir(&self.dir)?;
         info!(
             "installed {name} ({} bytes, sha256 {}) from {origin}",
@@ -209,6 +240,7 @@ impl Store {
         }
         let trash = self.scratch(TRASH, name);
         fs::rename(&target, &trash)?;
+        self.forget_settings(name);
         sync_dir(&self.dir)?;
         if let Err(e) = fs::remove_dir_all(&trash) {
             warn!(
@@ -218,6 +250,13 @@ impl Store {
         }
         info!("deleted {name}");
         Ok(())
+    }
+
+    fn forget_settings(&self, name: &FunctionName) {
+        self.settings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
     }
 
     /// Writes a complete, synced function directory at `stage`.
@@ -314,6 +353,7 @@ impl Store {
                 installed_at: 0,
                 sha256: sha256_hex(text.as_bytes()),
                 size: text.len() as u64,
+                settings: Settings::default(),
             };
             let meta = serde_json::to_vec(&meta).map_err(io::Error::other)?;
             write_synced(&dir.join(META), &meta)?;

@@ -1,6 +1,7 @@
-//! The one thing std and rustix cannot do safely for us: arranging a child's
-//! file descriptors between fork and exec. This is the only module with `unsafe`.
-#![allow(unsafe_code)] // reason: `CommandExt::pre_exec` is unsafe by definition; the closure below is async-signal-safe
+//! What std and rustix cannot do safely for us: arranging a child between fork
+//! and exec (its fd 3; its rlimits, no_new_privs, Landlock restriction and
+//! seccomp filter). This is the only module with `unsafe`.
+#![allow(unsafe_code)] // reason: `CommandExt::pre_exec` is unsafe by definition; the closures below are async-signal-safe
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::Command;
@@ -23,6 +24,111 @@ pub fn pass_fd_as(cmd: &mut Command, fd: OwnedFd, target: i32) {
                 }
             } else if libc::dup2(raw, target) == -1 {
                 return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// What to apply to a child between fork and exec.
+#[derive(Default)]
+pub struct Confinement {
+    /// Make it the kernel's first choice when memory runs out (oom_score_adj 1000).
+    pub oom_score_adj: bool,
+    pub no_new_privs: bool,
+    /// A Landlock ruleset to restrict itself to.
+    pub landlock: Option<OwnedFd>,
+    /// A seccomp BPF program to install.
+    pub filter: Option<Vec<libc::sock_filter>>,
+    /// RLIMIT_AS, bytes.
+    pub memory: Option<u64>,
+    /// RLIMIT_CPU, seconds.
+    pub cpu: Option<u64>,
+    /// RLIMIT_NPROC.
+    pub nproc: Option<u64>,
+    /// RLIMIT_NOFILE (lowered only).
+    pub nofile: Option<u64>,
+    /// RLIMIT_CORE 0.
+    pub core: bool,
+}
+
+/// Applies `c` in the child of `cmd` before it execs; a step the kernel refuses
+/// fails the spawn with that error (so a caller can tell what is missing).
+pub fn confine(cmd: &mut Command, c: Confinement) {
+    use std::os::unix::process::CommandExt;
+    let ruleset = c.landlock.as_ref().map(|fd| fd.as_raw_fd());
+    // SAFETY: between fork and exec the closure makes only async-signal-safe calls
+    // (open, write, close, setrlimit, getrlimit, prctl, syscall) on values prepared
+    // before the fork, and allocates nothing. `c` is moved into the closure, so the
+    // ruleset fd and the filter program it points at live as long as `cmd`.
+    unsafe {
+        cmd.pre_exec(move || {
+            let _keep = &c;
+            if c.oom_score_adj {
+                let fd = libc::open(
+                    c"/proc/self/oom_score_adj".as_ptr(),
+                    libc::O_WRONLY | libc::O_CLOEXEC,
+                );
+                if fd >= 0 {
+                    libc::write(fd, b"1000".as_ptr() as *const libc::c_void, 4);
+                    libc::close(fd);
+                }
+            }
+            let set = |res, soft: u64, hard: Option<u64>| -> std::io::Result<()> {
+                let mut cur = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                libc::getrlimit(res, &mut cur);
+                let max = hard
+                    .map_or(cur.rlim_max, |h| h as libc::rlim_t)
+                    .min(cur.rlim_max);
+                let lim = libc::rlimit {
+                    rlim_cur: (soft as libc::rlim_t).min(max),
+                    rlim_max: max,
+                };
+                if libc::setrlimit(res, &lim) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            };
+            if c.core {
+                set(libc::RLIMIT_CORE, 0, Some(0))?;
+            }
+            if let Some(n) = c.nofile {
+                set(libc::RLIMIT_NOFILE, n, Some(n))?;
+            }
+            if let Some(n) = c.nproc {
+                set(libc::RLIMIT_NPROC, n, Some(n))?;
+            }
+            if let Some(m) = c.memory {
+                set(libc::RLIMIT_AS, m, Some(m))?;
+            }
+            if let Some(s) = c.cpu {
+                // SIGXCPU at the soft limit, SIGKILL a second later.
+                set(libc::RLIMIT_CPU, s, Some(s + 1))?;
+            }
+            if c.no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(fd) = ruleset {
+                if libc::syscall(libc::SYS_landlock_restrict_self, fd, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if let Some(f) = &c.filter {
+                let prog = libc::sock_fprog {
+                    len: f.len() as libc::c_ushort,
+                    filter: f.as_ptr() as *mut libc::sock_filter,
+                };
+                if libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &prog as *const libc::sock_fprog,
+                ) == -1
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });

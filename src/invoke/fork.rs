@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::io::IoSlice;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,14 @@ use rustix::net::{
 use super::runner;
 use crate::name::FunctionName;
 use crate::process::{self, Processes};
+use crate::sandbox::{Limits, Sandbox};
+
+/// What a function's processes start with: `key=value` options for the runner
+/// (its tmp folder, memory, cpu, reuse, secrets, env) and its Landlock layer.
+pub struct Envelope {
+    pub options: Vec<String>,
+    pub ruleset: Option<OwnedFd>,
+}
 
 /// Why a zygote could not be had.
 #[derive(Debug)]
@@ -52,13 +60,10 @@ pub struct Zygote {
 
 impl Zygote {
     /// Hands a request to the zygote's spare: its environment and the child's
-    /// stdin, stdout, stderr and status pipe. `Err(true)`: the zygote is gone.
-    pub fn submit(
-        &self,
-        env: &[u8],
-        fds: [BorrowedFd<'_>; 4],
-    ) -> Result<(), (bool, std::io::Error)> {
-        match send_with_fds(self.sock.as_fd(), env, &fds) {
+    /// stdin, stdout, stderr and status pipe (and its Landlock layer, if any).
+    /// `Err(true)`: the zygote is gone.
+    pub fn submit(&self, env: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), (bool, std::io::Error)> {
+        match send_with_fds(self.sock.as_fd(), env, fds) {
             Ok(()) => Ok(()),
             Err(e @ (Errno::PIPE | Errno::CONNRESET | Errno::CONNREFUSED | Errno::NOTCONN)) => {
                 Err((true, e.into()))
@@ -96,6 +101,7 @@ struct Warm {
 pub struct Forks {
     python: String,
     runner: PathBuf,
+    sandbox: Arc<Sandbox>,
     procs: Arc<Processes>,
     base: Mutex<Option<Base>>,
     warm: Mutex<Warm>,
@@ -112,6 +118,7 @@ impl Forks {
     pub fn new(
         python: String,
         runner: PathBuf,
+        sandbox: Arc<Sandbox>,
         procs: Arc<Processes>,
         max_warm: usize,
         idle: Duration,
@@ -120,6 +127,7 @@ impl Forks {
         Forks {
             python,
             runner,
+            sandbox,
             procs,
             base: Mutex::new(None),
             warm: Mutex::default(),
@@ -140,7 +148,12 @@ impl Forks {
     }
 
     /// The warm zygote of `name`, started from `handler` if there is none.
-    pub fn get(&self, name: &FunctionName, handler: &Path) -> Result<Arc<Zygote>, StartError> {
+    pub fn get(
+        &self,
+        name: &FunctionName,
+        handler: &Path,
+        envelope: impl FnOnce() -> std::io::Result<Envelope>,
+    ) -> Result<Arc<Zygote>, StartError> {
         let gate = {
             let mut warm = self.warm();
             if let Some(z) = warm.zygotes.get(name) {
@@ -153,7 +166,9 @@ impl Forks {
         if let Some(z) = self.warm().zygotes.get(name) {
             return Ok(z.clone());
         }
-        let started = self.start(name, handler);
+        let started = envelope()
+            .map_err(StartError::Io)
+            .and_then(|e| self.start(name, handler, e));
         let mut warm = self.warm();
         warm.starting.remove(name);
         let z = Arc::new(started?);
@@ -232,10 +247,14 @@ impl Forks {
     }
 
     /// Imports `handler` in a throwaway child of the base; `Err` says why it will not serve.
-    pub fn check(&self, handler: &Path) -> Result<Result<(), String>, StartError> {
+    pub fn check(
+        &self,
+        handler: &Path,
+        envelope: Envelope,
+    ) -> Result<Result<(), String>, StartError> {
         let (result_r, result_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
             .map_err(std::io::Error::from)?;
-        let pid = self.command(b'C', handler, result_w)?;
+        let pid = self.command(b'C', handler, &envelope.options, result_w, envelope.ruleset)?;
         let deadline = Instant::now() + self.start_timeout;
         let mut text = Vec::new();
         let mut buf = [0u8; 4096];
@@ -263,9 +282,14 @@ impl Forks {
     }
 
     /// Forks a zygote for `name` from the base and waits until it has imported.
-    fn start(&self, name: &FunctionName, handler: &Path) -> Result<Zygote, StartError> {
+    fn start(
+        &self,
+        name: &FunctionName,
+        handler: &Path,
+        envelope: Envelope,
+    ) -> Result<Zygote, StartError> {
         let (ours, theirs) = seqpacket_pair()?;
-        let pid = self.command(b'Z', handler, theirs)?;
+        let pid = self.command(b'Z', handler, &envelope.options, theirs, envelope.ruleset)?;
         let deadline = Instant::now() + self.start_timeout;
         if !wait_readable(ours.as_fd(), deadline) {
             warn!(
@@ -307,23 +331,39 @@ impl Forks {
 
     /// Sends a command with one fd to the base (started or restarted as needed);
     /// returns the pid of the child it forked.
-    fn command(&self, kind: u8, handler: &Path, fd: OwnedFd) -> std::io::Result<u32> {
-        let msg = runner::base_command(kind, handler);
+    fn command(
+        &self,
+        kind: u8,
+        handler: &Path,
+        options: &[String],
+        fd: OwnedFd,
+        ruleset: Option<OwnedFd>,
+    ) -> std::io::Result<u32> {
+        let msg = runner::base_command(kind, handler, options);
         let mut base = self.base.lock().unwrap_or_else(|p| p.into_inner());
         for attempt in 0..2 {
             let b = self.ensure_base(&mut base)?;
-            let sent = send_with_fds(b.sock.as_fd(), &msg, &[fd.as_fd()]);
+            let fds: Vec<BorrowedFd<'_>> = std::iter::once(fd.as_fd())
+                .chain(ruleset.as_ref().map(AsFd::as_fd))
+                .collect();
+            let sent = send_with_fds(b.sock.as_fd(), &msg, &fds);
             let reply = sent.map_err(std::io::Error::from).and_then(|()| {
                 if !wait_readable(b.sock.as_fd(), Instant::now() + BASE_REPLY) {
                     return Err(std::io::Error::other("the base did not answer"));
                 }
                 let mut buf = [0u8; 64];
                 let (n, _) = rustix::net::recv(&b.sock, &mut buf, RecvFlags::empty())?;
+                if let Some(errno) = runner::pid_reply(&buf[..n], "err") {
+                    // The base is fine; the fork was refused (EAGAIN: out of processes).
+                    return Ok(Err(std::io::Error::from_raw_os_error(errno as i32)));
+                }
                 runner::pid_reply(&buf[..n], "pid")
+                    .map(Ok)
                     .ok_or_else(|| std::io::Error::other("the base ended"))
             });
             match reply {
-                Ok(pid) => return Ok(pid),
+                Ok(Ok(pid)) => return Ok(pid),
+                Ok(Err(refused)) => return Err(refused),
                 Err(e) if attempt == 0 => {
                     warn!("the base process failed ({e}); starting another");
                     if let Some(old) = base.take() {
@@ -356,16 +396,23 @@ impl Forks {
     }
 
     fn spawn_base(&self) -> std::io::Result<Base> {
+        // Every zygote inherits the runner the base loads: it must be the daemon's.
+        runner::ensure(&self.runner)?;
         let (ours, theirs) = seqpacket_pair()?;
-        let mut cmd = Command::new(&self.python);
-        cmd.arg("-s")
-            .arg(&self.runner)
-            .arg("--base")
-            .env_remove("EDGEFAAS_MGMT_TOKEN")
-            .env("PYTHONDONTWRITEBYTECODE", "1")
+        let mut cmd = runner::command(&self.python, &self.runner);
+        if self.sandbox.runner_layers {
+            cmd.arg(format!("--layers={}", self.sandbox.landlock));
+        }
+        cmd.arg("--base")
             .stdin(Stdio::from(theirs))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
+        self.sandbox.confine(
+            &mut cmd,
+            self.sandbox.base_ruleset(),
+            Limits::default(),
+            false,
+        );
         let child = self.procs.spawn(&mut cmd)?;
         let pid = child.id();
         let exit = rustix::process::pidfd_open(
@@ -406,7 +453,10 @@ fn seqpacket_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
 
 /// Sends one message with `fds` attached (SCM_RIGHTS); a dead peer is EPIPE, not SIGPIPE.
 fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), Errno> {
-    let mut space = [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(4))];
+    let mut space = [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(5))];
+    if fds.len() > 5 {
+        return Err(Errno::INVAL);
+    }
     let mut control = SendAncillaryBuffer::new(&mut space);
     if !control.push(SendAncillaryMessage::ScmRights(fds)) {
         return Err(Errno::INVAL);

@@ -15,6 +15,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
@@ -23,7 +24,9 @@ use crate::error::{Error, Result};
 use crate::http::Answer;
 use crate::name::FunctionName;
 use crate::process::Processes;
-use fork::{Forks, StartError};
+use crate::sandbox::{Limits, Sandbox};
+use crate::settings::Settings as Own;
+use fork::{Envelope, Forks, StartError};
 use reap::{Job, Reaper};
 use supervise::{Outcome, Pipes, Stop, supervise};
 
@@ -34,6 +37,8 @@ pub struct Call<'a> {
     pub body: Vec<u8>,
     /// `Http_*` variables (OpenFaaS classic watchdog names).
     pub env: Vec<(String, String)>,
+    /// The function's own settings (timeout, memory, env, reuse).
+    pub settings: Arc<Own>,
 }
 
 /// How each request gets its fresh process.
@@ -54,22 +59,33 @@ pub struct Settings {
     pub mode: Mode,
     pub max_warm: usize,
     pub idle: Duration,
+    /// `EDGEFAAS_SECRETS_DIR`: `<dir>/<name>/` holds a function's secrets.
+    pub secrets_dir: Option<PathBuf>,
 }
 
 /// Starts function processes with fixed limits.
 pub struct Invoker {
     settings: Settings,
+    sandbox: Arc<Sandbox>,
     procs: Arc<Processes>,
     forks: Arc<Forks>,
     reaper: Reaper,
+    /// Numbers exec-mode invocation folders.
+    serial: AtomicU64,
 }
 
 impl Invoker {
     /// Sets up fork mode's base (started now in fork mode), the idle evictor and the reaper.
-    pub fn new(settings: Settings, procs: Arc<Processes>) -> std::io::Result<Invoker> {
+    pub fn new(
+        settings: Settings,
+        sandbox: Arc<Sandbox>,
+        procs: Arc<Processes>,
+    ) -> std::io::Result<Invoker> {
+        private_dir(&sandbox.tmp_root)?;
         let forks = Arc::new(Forks::new(
             settings.python.clone(),
             settings.runner.clone(),
+            sandbox.clone(),
             procs.clone(),
             settings.max_warm,
             settings.idle,
@@ -84,20 +100,29 @@ impl Invoker {
         let reaper = Reaper::start(procs.clone())?;
         Ok(Invoker {
             settings,
+            sandbox,
             procs,
             forks,
             reaper,
+            serial: AtomicU64::new(0),
         })
+    }
+
+    /// The sandbox every function process runs in.
+    pub fn sandbox(&self) -> &Sandbox {
+        &self.sandbox
     }
 
     /// Runs the function once, in a fresh process, and returns its checked answer.
     pub fn invoke(&self, call: Call<'_>) -> Result<Answer> {
-        let deadline = Instant::now() + self.settings.timeout;
+        let timeout = call.settings.timeout_or(self.settings.timeout);
+        let deadline = Instant::now() + timeout;
+        // reuse=true asks for a warm child: fork mode's, whatever the mode.
         let outcome = match self.settings.mode {
-            Mode::Exec => self.run_exec(&call, deadline)?,
-            Mode::Fork => self.run_fork(&call, deadline)?,
+            Mode::Exec if !call.settings.reuses() => self.run_exec(&call, deadline)?,
+            _ => self.run_fork(&call, deadline)?,
         };
-        self.answer(call.name, outcome)
+        self.answer(call.name, outcome, timeout)
     }
 
     /// Forgets the warm state of `name` after it was updated or deleted.
@@ -113,15 +138,57 @@ impl Invoker {
     /// Stops every process of the invoker (shutdown).
     pub fn stop_all(&self) {
         self.forks.stop_all();
+        let _ = std::fs::remove_dir_all(&self.sandbox.tmp_root);
+    }
+
+    /// What a function's processes start with: the runner's options (its tmp
+    /// folder, memory, CPU, reuse, secrets, env) and its Landlock layer, which
+    /// reads `dir` (its folder, or the staged folder of an install check).
+    fn envelope(&self, name: &FunctionName, dir: &Path, own: &Own) -> std::io::Result<Envelope> {
+        let tmp = self.sandbox.tmp_dir(name.as_str());
+        private_dir(&tmp)?;
+        let mut options = vec![format!("tmp={}", tmp.to_string_lossy())];
+        if let Some(m) = own.memory {
+            options.push(format!("memory={m}"));
+        }
+        options.push(format!(
+            "cpu={}",
+            cpu_seconds(own.timeout_or(self.settings.timeout))
+        ));
+        if let Some(n) = self.sandbox.child_nproc() {
+            options.push(format!("nproc={n}"));
+        }
+        if own.reuses() {
+            options.push("reuse=1".into());
+        }
+        if let Some(s) = self.secrets(name) {
+            options.push(format!("secrets={}", s.to_string_lossy()));
+        }
+        options.extend(own.env.iter().map(|(k, v)| format!("env={k}={v}")));
+        Ok(Envelope {
+            options,
+            ruleset: self.sandbox.function_ruleset(dir, name.as_str(), &tmp),
+        })
+    }
+
+    /// The function's secrets folder, if it has one.
+    fn secrets(&self, name: &FunctionName) -> Option<PathBuf> {
+        let dir = self.settings.secrets_dir.as_ref()?.join(name.as_str());
+        dir.is_dir().then_some(dir)
     }
 
     /// Imports `handler` in a throwaway process: `Ok` if it would serve, else
     /// the 422 naming why (the error and its line).
-    pub fn check(&self, name: &FunctionName, handler: &Path) -> Result<()> {
+    pub fn check(&self, name: &FunctionName, handler: &Path, own: &Own) -> Result<()> {
         let unprocessable =
             |why: String| Error::Unprocessable(format!("{name}.py cannot serve: {why}"));
+        let dir = handler.parent().unwrap_or(Path::new("/"));
         match self.settings.mode {
-            Mode::Fork => match self.forks.check(handler) {
+            Mode::Fork => match self
+                .envelope(name, dir, own)
+                .map_err(StartError::Io)
+                .and_then(|e| self.forks.check(handler, e))
+            {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(why)) => Err(unprocessable(why)),
                 Err(StartError::Hung) => Err(unprocessable(format!(
@@ -131,34 +198,78 @@ impl Invoker {
                 Err(StartError::Import(why)) => Err(unprocessable(why)),
                 Err(StartError::Io(e)) => Err(self.cannot_start(name, e)),
             },
-            Mode::Exec => self.check_exec(name, handler).map_err(|e| match e {
+            Mode::Exec => self.check_exec(name, handler, own).map_err(|e| match e {
                 CheckError::Refused(why) => unprocessable(why),
                 CheckError::Io(e) => self.cannot_start(name, e),
             }),
         }
     }
 
-    /// The interpreter command for the runner with `args`, with the daemon's
-    /// environment minus its secrets.
-    fn python(&self, args: &[&std::ffi::OsStr], dir: &Path) -> Command {
-        let mut cmd = Command::new(&self.settings.python);
-        // -s: no user site-packages (a function's packages come from the image or a
-        // venv), which also spares every exec-mode request a directory lookup.
-        cmd.arg("-s")
-            .arg(&self.settings.runner)
-            .args(args)
-            .current_dir(dir)
-            .env_remove("EDGEFAAS_MGMT_TOKEN")
-            .env("PYTHONDONTWRITEBYTECODE", "1");
-        cmd
+    /// An exec-mode command: the runner with `args` for function `name`, in its
+    /// folder `dir`, with the daemon's environment minus its own settings, the
+    /// function's settings, and confined for `tmp`, its invocation's folder.
+    fn python(
+        &self,
+        args: &[&std::ffi::OsStr],
+        name: &FunctionName,
+        dir: &Path,
+        own: &Own,
+        tmp: &Path,
+    ) -> std::io::Result<Command> {
+        // The runner the functions run must be the daemon's, whatever wrote the file.
+        runner::ensure(&self.settings.runner)?;
+        let mut cmd = runner::command(&self.settings.python, &self.settings.runner);
+        if self.sandbox.runner_layers {
+            cmd.arg(format!("--layers={}", self.sandbox.landlock));
+        }
+        cmd.args(args).current_dir(dir).env("TMPDIR", tmp);
+        cmd.envs(own.env.iter());
+        if let Some(s) = self.secrets(name) {
+            cmd.env("Secrets_Dir", s);
+        }
+        let limits = Limits {
+            memory: own.memory,
+            cpu: Some(cpu_seconds(own.timeout_or(self.settings.timeout))),
+        };
+        let ruleset = self.sandbox.function_ruleset(dir, name.as_str(), tmp);
+        self.sandbox.confine(&mut cmd, ruleset, limits, true);
+        Ok(cmd)
+    }
+
+    /// A fresh folder for one exec-mode invocation, removed once it has exited.
+    fn exec_tmp(&self, name: &FunctionName) -> std::io::Result<PathBuf> {
+        let parent = self.sandbox.tmp_dir(name.as_str());
+        private_dir(&parent)?;
+        let n = self.serial.fetch_add(1, Ordering::Relaxed);
+        let tmp = parent.join(format!("x{n}"));
+        private_dir(&tmp)?;
+        Ok(tmp)
     }
 
     fn run_exec(&self, call: &Call<'_>, deadline: Instant) -> Result<Outcome> {
         let dir = call.handler.parent().unwrap_or(Path::new("/"));
-        let mut cmd = self.python(&[call.handler.as_os_str()], dir);
-        cmd.envs(call.env.iter().map(|(k, v)| (k, v)));
-        let (pid, pipes) =
-            exec::start(&self.procs, cmd).map_err(|e| self.cannot_start(call.name, e))?;
+        let tmp = self
+            .exec_tmp(call.name)
+            .map_err(|e| self.cannot_start(call.name, e))?;
+        let started = self
+            .python(
+                &[call.handler.as_os_str()],
+                call.name,
+                dir,
+                &call.settings,
+                &tmp,
+            )
+            .and_then(|mut cmd| {
+                cmd.envs(call.env.iter().map(|(k, v)| (k, v)));
+                exec::start(&self.procs, cmd)
+            });
+        let (pid, pipes) = match started {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(self.cannot_start(call.name, e));
+            }
+        };
         let outcome = supervise(
             pipes,
             &call.body,
@@ -166,11 +277,18 @@ impl Invoker {
             self.settings.max_output,
             &mut |_| crate::process::kill_group(pid),
         );
-        Ok(self.exec_done(pid, outcome, deadline))
+        Ok(self.exec_done(pid, outcome, deadline, tmp))
     }
 
-    /// Learns an exec-mode child's wait status if it has exited, and hands it to the reaper.
-    fn exec_done(&self, pid: u32, mut outcome: Outcome, deadline: Instant) -> Outcome {
+    /// Learns an exec-mode child's wait status if it has exited, and hands it
+    /// (and its folder) to the reaper.
+    fn exec_done(
+        &self,
+        pid: u32,
+        mut outcome: Outcome,
+        deadline: Instant,
+        tmp: PathBuf,
+    ) -> Outcome {
         if outcome.result.is_none() && outcome.stop == Stop::Done {
             // No result: the exit says why (it is imminent once the pipes are closed).
             if let Some(fd) = &outcome.exit_fd {
@@ -183,16 +301,44 @@ impl Invoker {
             }
         }
         match outcome.exit_fd.take() {
-            Some(pidfd) => self.reaper.watch(Job::Exec { pidfd, pid }, deadline),
+            Some(pidfd) => self.reaper.watch(Job::Exec { pidfd, pid, tmp }, deadline),
             None => {
                 self.procs.finish(pid);
+                let _ = std::fs::remove_dir_all(&tmp);
             }
         }
         outcome
     }
 
     fn run_fork(&self, call: &Call<'_>, deadline: Instant) -> Result<Outcome> {
-        let env = runner::encode_env(&call.env);
+        // A fresh folder and layer per request; a reused child keeps its own.
+        let reuse = call.settings.reuses();
+        let tmp = if reuse {
+            None
+        } else {
+            Some(
+                self.exec_tmp(call.name)
+                    .map_err(|e| self.cannot_start(call.name, e))?,
+            )
+        };
+        let outcome = self.run_fork_in(call, deadline, tmp.as_deref());
+        if let (Some(t), Err(_)) = (&tmp, &outcome) {
+            let _ = std::fs::remove_dir_all(t);
+        }
+        outcome
+    }
+
+    fn run_fork_in(
+        &self,
+        call: &Call<'_>,
+        deadline: Instant,
+        tmp: Option<&Path>,
+    ) -> Result<Outcome> {
+        let mut env = call.env.clone();
+        if let Some(t) = tmp {
+            env.push(("TMPDIR".into(), t.to_string_lossy().into_owned()));
+        }
+        let env = runner::encode_env(&env);
         if env.len() > runner::REQUEST_MAX {
             return Err(Error::BadRequest(
                 "the request's headers and target are too large for a function".into(),
@@ -200,7 +346,9 @@ impl Invoker {
         }
         // A zygote that died before starting the request is replaced, and the request run again once.
         for attempt in 0..2 {
-            let zygote = match self.forks.get(call.name, call.handler) {
+            let dir = call.handler.parent().unwrap_or(Path::new("/"));
+            let envelope = || self.envelope(call.name, dir, &call.settings);
+            let zygote = match self.forks.get(call.name, call.handler, envelope) {
                 Ok(z) => z,
                 Err(StartError::Import(why)) => {
                     return Err(Error::Failed {
@@ -217,13 +365,13 @@ impl Invoker {
                 Err(StartError::Io(e)) => return Err(self.cannot_start(call.name, e)),
             };
             let (pipes, theirs) = pipes().map_err(|e| self.cannot_start(call.name, e))?;
-            let fds = [
-                theirs[0].as_fd(),
-                theirs[1].as_fd(),
-                theirs[2].as_fd(),
-                theirs[3].as_fd(),
-            ];
-            match zygote.submit(&env, fds) {
+            let layer = tmp.and_then(|t| self.sandbox.child_ruleset(t));
+            let fds: Vec<_> = theirs
+                .iter()
+                .map(AsFd::as_fd)
+                .chain(layer.as_ref().map(AsFd::as_fd))
+                .collect();
+            match zygote.submit(&env, &fds) {
                 Ok(()) => {}
                 Err((true, _)) if attempt == 0 => {
                     self.forks.retire_this(&zygote);
@@ -235,7 +383,9 @@ impl Invoker {
                 }
             }
             // The child holds its ends now; ours must close so EOF can arrive.
+            drop(fds);
             drop(theirs);
+            drop(layer);
             let zpid = zygote.pid;
             let outcome = supervise(
                 pipes,
@@ -258,8 +408,11 @@ impl Invoker {
                     status,
                     pgid: outcome.pid,
                     zygote: zpid,
+                    tmp: tmp.map(Path::to_path_buf),
                 };
                 self.reaper.watch(job, deadline);
+            } else if let Some(t) = tmp {
+                let _ = std::fs::remove_dir_all(t);
             }
             if outcome.pid.is_none() && outcome.stop != Stop::Done {
                 // Killed before it ever started: the zygote hung, and is gone now.
@@ -288,7 +441,7 @@ impl Invoker {
     }
 
     /// Builds the answer from what the child produced.
-    fn answer(&self, name: &FunctionName, outcome: Outcome) -> Result<Answer> {
+    fn answer(&self, name: &FunctionName, outcome: Outcome, timeout: Duration) -> Result<Answer> {
         let failed = |reason: String| Error::Failed {
             name: name.to_string(),
             reason,
@@ -298,7 +451,7 @@ impl Invoker {
             Stop::TimedOut => {
                 return Err(Error::Timeout {
                     name: name.to_string(),
-                    secs: self.settings.timeout.as_secs_f64(),
+                    secs: timeout.as_secs_f64(),
                 });
             }
             Stop::Overflow => {
@@ -408,13 +561,23 @@ impl Invoker {
     /// Exec mode's import check: the runner with `--check`, its verdict on fd 3.
     fn check_exec(
         &self,
-        _name: &FunctionName,
+        name: &FunctionName,
         handler: &Path,
+        own: &Own,
     ) -> std::result::Result<(), CheckError> {
         let dir = handler.parent().unwrap_or(Path::new("/"));
-        let cmd = self.python(&["--check".as_ref(), handler.as_os_str()], dir);
-        let deadline = Instant::now() + self.settings.timeout;
-        match exec::check(&self.procs, cmd, deadline).map_err(CheckError::Io)? {
+        let tmp = self.exec_tmp(name).map_err(CheckError::Io)?;
+        let checked = self
+            .python(
+                &["--check".as_ref(), handler.as_os_str()],
+                name,
+                dir,
+                own,
+                &tmp,
+            )
+            .and_then(|cmd| exec::check(&self.procs, cmd, Instant::now() + self.settings.timeout));
+        let _ = std::fs::remove_dir_all(&tmp);
+        match checked.map_err(CheckError::Io)? {
             Some(v) if v == "ok" => Ok(()),
             Some(v) => Err(CheckError::Refused(
                 v.strip_prefix("fail ")
@@ -427,4 +590,19 @@ impl Invoker {
             ))),
         }
     }
+}
+
+/// Creates `dir` (and its parents) readable by the daemon's user alone.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// RLIMIT_CPU for a timeout: whole seconds, one more than the timeout (the
+/// deadline kills first; the limit catches a child that outlives its kill).
+fn cpu_seconds(timeout: Duration) -> u64 {
+    timeout.as_secs_f64().ceil() as u64 + 1
 }

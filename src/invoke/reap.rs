@@ -22,9 +22,16 @@ pub enum Job {
         status: OwnedFd,
         pgid: Option<u32>,
         zygote: u32,
+        /// The invocation's folder, removed once it is gone (not with reuse).
+        tmp: Option<std::path::PathBuf>,
     },
-    /// Exec mode: the child's pidfd; the child is the daemon's to reap.
-    Exec { pidfd: OwnedFd, pid: u32 },
+    /// Exec mode: the child's pidfd (the child is the daemon's to reap) and
+    /// its invocation's folder, removed once it is gone.
+    Exec {
+        pidfd: OwnedFd,
+        pid: u32,
+        tmp: std::path::PathBuf,
+    },
 }
 
 /// How long past its deadline a killed child may take to go before it is left to the sweeper.
@@ -87,6 +94,12 @@ fn run(queue: &Mutex<Vec<Pending>>, wake: OwnedFd, procs: &Processes) {
             }
             if p.killed {
                 warn!("a function process outlived its kill; leaving it to the sweeper");
+                match &p.job {
+                    Job::Exec { tmp, .. } | Job::Fork { tmp: Some(tmp), .. } => {
+                        let _ = std::fs::remove_dir_all(tmp);
+                    }
+                    Job::Fork { tmp: None, .. } => {}
+                }
                 return false;
             }
             match &p.job {
@@ -132,17 +145,24 @@ fn run(queue: &Mutex<Vec<Pending>>, wake: OwnedFd, procs: &Processes) {
             }
             match &p.job {
                 // Read the zygote's X line (or anything else); done at EOF.
-                Job::Fork { status, .. } => loop {
+                Job::Fork { status, tmp, .. } => loop {
                     match rustix::io::read(status, &mut buf) {
-                        Ok(0) => return false,
+                        Ok(0) | Err(Errno::BADF | Errno::INVAL | Errno::IO) => {
+                            if let Some(t) = tmp {
+                                let _ = std::fs::remove_dir_all(t);
+                            }
+                            return false;
+                        }
                         Ok(_) => continue,
                         Err(Errno::INTR) => continue,
                         Err(Errno::AGAIN) => return true,
                         Err(_) => return false,
                     }
                 },
-                Job::Exec { pid, .. } => {
+                Job::Exec { pid, tmp, .. } => {
                     procs.finish(*pid);
+                    // std's remove_dir_all does not follow symlinks the function left.
+                    let _ = std::fs::remove_dir_all(tmp);
                     false
                 }
             }

@@ -178,12 +178,53 @@ pub fn encode_env(env: &[(String, String)]) -> Vec<u8> {
     msg
 }
 
-/// A command for the base process: `Z` (fork a zygote) or `C` (fork a check), then the handler path.
-pub fn base_command(kind: u8, handler: &std::path::Path) -> Vec<u8> {
+/// A command for the base process: `Z` (fork a zygote) or `C` (fork a check),
+/// the handler path, then `key=value` options, NUL-separated.
+pub fn base_command(kind: u8, handler: &std::path::Path, options: &[String]) -> Vec<u8> {
     use std::os::unix::ffi::OsStrExt;
     let mut msg = vec![kind, 0];
     msg.extend_from_slice(handler.as_os_str().as_bytes());
+    for o in options {
+        msg.push(0);
+        msg.extend_from_slice(o.as_bytes());
+    }
     msg
+}
+
+/// The interpreter running `runner`, with the daemon's environment minus its
+/// own `EDGEFAAS_*` settings (the token, broker credentials).
+pub fn command(python: &str, runner: &std::path::Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(python);
+    // -s: no user site-packages (a function's packages come from the image or a
+    // venv), which also spares every exec-mode request a directory lookup.
+    cmd.arg("-s").arg(runner);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("EDGEFAAS_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("PYTHONDONTWRITEBYTECODE", "1");
+    cmd
+}
+
+/// Makes sure the runner file holds the daemon's runner, rewriting it (with a
+/// warning) if anything changed it: checked before every process that loads it.
+pub fn ensure(path: &std::path::Path) -> std::io::Result<()> {
+    if std::fs::read(path).is_ok_and(|b| b == RUNNER.as_bytes()) {
+        return Ok(());
+    }
+    log::warn!(
+        "the runner {} was changed or removed; writing it again",
+        path.display()
+    );
+    static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_file_name(format!(".index.py.{}.{n}", std::process::id()));
+    let written = std::fs::write(&tmp, RUNNER).and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// `pid <n>` from the base, or `ready <n>` from a zygote.
@@ -266,8 +307,12 @@ mod tests {
         ];
         assert_eq!(encode_env(&env), b"Http_Method\0GET\0Http_Path\0/");
         assert_eq!(
-            base_command(b'Z', std::path::Path::new("/f/a/handler.py")),
-            b"Z\0/f/a/handler.py"
+            base_command(
+                b'Z',
+                std::path::Path::new("/f/a/handler.py"),
+                &["tmp=/t".into()]
+            ),
+            b"Z\0/f/a/handler.py\0tmp=/t"
         );
         assert_eq!(pid_reply(b"ready 12", "ready"), Some(12));
         assert_eq!(pid_reply(b"fail x", "ready"), None);
