@@ -12,14 +12,14 @@ use crate::support::{Daemon, eventually, http};
 /// A request line that runs `smuggled`, which leaves a marker if it ever runs.
 const SMUGGLED: &str = "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
 
-fn daemon_with_trap(env: &[(&str, &str)]) -> (Daemon, std::path::PathBuf) {
+fn daemon_with_trap(env: &[(&str, &str)]) -> (Daemon, crate::support::Marker) {
     let d = Daemon::start(env);
-    let marker = d.scratch("smuggled.ran");
+    let marker = crate::support::Marker::new();
     d.upload(
         "smuggled",
         &format!(
-            "def handle(req):\n    open({:?}, 'a').write('ran\\n')\n    return 'smuggled'\n",
-            marker.to_str().unwrap()
+            "def handle(req):\n    {}\n    return 'smuggled'\n",
+            marker.send("'ran'")
         ),
     );
     (d, marker)
@@ -225,7 +225,7 @@ fn smuggled_requests_never_run_whatever_the_framing_trick() {
             "{what}: the smuggled request answered:\n{answers}"
         );
         assert!(
-            !marker.exists(),
+            marker.received().is_empty(),
             "{what}: the smuggled request ran\nlog:\n{}",
             d.log()
         );

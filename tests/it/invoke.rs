@@ -191,12 +191,12 @@ fn unknown_function_is_404_and_invalid_names_are_400() {
 #[test]
 fn timeout_answers_504_and_kills_the_grandchildren() {
     let d = Daemon::start(&[("EDGEFAAS_EXEC_TIMEOUT", "1")]);
-    let pidfile = d.dir.parent().unwrap().join("sleeper.pid");
+    let marker = crate::support::Marker::new();
     d.upload(
         "hang",
         &format!(
-            "import subprocess, time\ndef handle(req):\n    p = subprocess.Popen(['sleep', '300'])\n    open({:?}, 'w').write(str(p.pid))\n    time.sleep(300)\n",
-            pidfile.to_str().unwrap()
+            "import subprocess, time\ndef handle(req):\n    p = subprocess.Popen(['sleep', '300'])\n    {}\n    time.sleep(300)\n",
+            marker.send("p.pid")
         ),
     );
     let started = Instant::now();
@@ -207,7 +207,7 @@ fn timeout_answers_504_and_kills_the_grandchildren() {
         "function 'hang' timed out after 1s and was killed\n"
     );
     assert!(started.elapsed() < Duration::from_secs(10));
-    let sleeper: u32 = std::fs::read_to_string(&pidfile).unwrap().parse().unwrap();
+    let sleeper: u32 = marker.wait().parse().unwrap();
     assert!(
         eventually(Duration::from_secs(5), || !alive(sleeper)),
         "grandchild {sleeper} survived"

@@ -92,14 +92,17 @@ fn kill_9_during_installs_leaves_the_old_or_the_new_version() {
 #[test]
 fn sigterm_lets_in_flight_work_finish_then_exits_0() {
     let mut d = Daemon::start(&[("EDGEFAAS_SHUTDOWN_GRACE", "10")]);
-    let marker = d.scratch("slow.started");
+    let marker = crate::support::Marker::new();
     d.upload(
         "slow",
-        &format!("import time\ndef handle(req):\n    open({:?}, 'w').write('1')\n    time.sleep(1.5)\n    return 'finished'\n", marker.to_str().unwrap()),
+        &format!(
+            "import time\ndef handle(req):\n    {}\n    time.sleep(1.5)\n    return 'finished'\n",
+            marker.send("1")
+        ),
     );
     let port = d.port;
     let slow = std::thread::spawn(move || request(port, "POST", "/slow", b""));
-    d.wait_for_marker(&marker);
+    marker.wait();
     d.signal("TERM");
     assert!(eventually(Duration::from_secs(2), || d
         .log()
@@ -120,16 +123,19 @@ fn sigterm_kills_what_outlives_the_grace_period() {
         ("EDGEFAAS_SHUTDOWN_GRACE", "0.5"),
         ("EDGEFAAS_EXEC_TIMEOUT", "60"),
     ]);
-    let marker = d.scratch("stuck.pid");
+    let marker = crate::support::Marker::new();
     d.upload(
         "stuck",
-        &format!("import os, time\ndef handle(req):\n    open({:?}, 'w').write(str(os.getpid()))\n    time.sleep(300)\n", marker.to_str().unwrap()),
+        &format!(
+            "import os, time\ndef handle(req):\n    {}\n    time.sleep(300)\n",
+            marker.send("os.getpid()")
+        ),
     );
     let port = d.port;
     let stuck = std::thread::spawn(move || {
         crate::support::http::try_request(port, "POST", "/stuck", &[], b"")
     });
-    let python: u32 = d.wait_for_marker(&marker).parse().unwrap();
+    let python: u32 = marker.wait().parse().unwrap();
     let started = Instant::now();
     d.signal("TERM");
     let status = d

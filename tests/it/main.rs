@@ -1,6 +1,9 @@
 //! Integration tests: the real `edgefaas` binary, driven over HTTP on loopback.
 //! Set EDGEFAAS_BIN (and EDGEFAAS_BIN_RUNNER, e.g. qemu-arm-static) to test another build.
 
+/// The sandbox every daemon in this test binary runs with.
+pub const SANDBOX: &str = "best-effort";
+
 /// The invocation mode every daemon in this test binary runs in.
 pub const MODE: &str = "fork";
 
@@ -17,6 +20,8 @@ mod mgmt;
 mod observe;
 mod overload;
 mod proxy;
+mod sandbox;
+mod settings;
 mod sourcedir;
 mod transcript;
 mod zygote;

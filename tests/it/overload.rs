@@ -6,14 +6,14 @@ use std::time::{Duration, Instant};
 
 use crate::support::{Daemon, request};
 
-/// Uploads `slow`, which marks its start in the scratch dir and sleeps `secs`.
-fn slow(d: &Daemon, secs: f64) -> std::path::PathBuf {
-    let marker = d.scratch("slow.started");
+/// Uploads `slow`, which reports its start to a marker and sleeps `secs`.
+fn slow(d: &Daemon, secs: f64) -> crate::support::Marker {
+    let marker = crate::support::Marker::new();
     d.upload(
         "slow",
         &format!(
-            "import time\ndef handle(req):\n    open({:?}, 'a').write('1')\n    time.sleep({secs})\n    return 'done'\n",
-            marker.to_str().unwrap()
+            "import time\ndef handle(req):\n    {}\n    time.sleep({secs})\n    return 'done'\n",
+            marker.send("1")
         ),
     );
     marker
@@ -29,7 +29,7 @@ fn past_the_limit_requests_wait_in_order_and_a_full_queue_is_429_at_once() {
     let marker = slow(&d, 1.5);
     let port = d.port;
     let running = std::thread::spawn(move || request(port, "POST", "/slow", b""));
-    d.wait_for_marker(&marker);
+    marker.wait();
     // Two wait behind it (the queue holds two)...
     let queued: Vec<_> = (0..2)
         .map(|i| {
@@ -100,7 +100,7 @@ fn a_wait_past_the_queue_timeout_is_429() {
     let marker = slow(&d, 3.0);
     let port = d.port;
     let running = std::thread::spawn(move || request(port, "POST", "/slow", b""));
-    d.wait_for_marker(&marker);
+    marker.wait();
     let started = Instant::now();
     let r = d.req("POST", "/echo", b"late");
     let waited = started.elapsed();

@@ -118,7 +118,8 @@ fn a_handler_whose_import_hangs_times_out_and_its_zygote_is_replaced() {
     let d = Daemon::start(&[("EDGEFAAS_EXEC_TIMEOUT", "1")]);
     // Imports fine at install; hangs at import while the marker exists (a network
     // share gone away, say).
-    let marker = d.scratch("hang");
+    // In the function's own folder: the only one (with the system) it may read.
+    let marker = d.dir.join("stuck").join("hang");
     d.upload(
         "stuck",
         &format!(

@@ -1,6 +1,9 @@
 //! The same integration tests as `tests/it`, with every daemon in exec mode
 //! (a new Python per request), so both modes keep one contract.
 
+/// The sandbox every daemon in this test binary runs with.
+pub const SANDBOX: &str = "best-effort";
+
 /// The invocation mode every daemon in this test binary runs in.
 pub const MODE: &str = "exec";
 
@@ -15,5 +18,9 @@ mod invoke;
 mod lifecycle;
 #[path = "../it/mgmt.rs"]
 mod mgmt;
+#[path = "../it/sandbox.rs"]
+mod sandbox;
+#[path = "../it/settings.rs"]
+mod settings;
 #[path = "../it/transcript.rs"]
 mod transcript;

@@ -8,6 +8,8 @@
 
 /// The invocation mode of the daemons here.
 pub const MODE: &str = "fork";
+/// The sandbox of the daemons here.
+pub const SANDBOX: &str = "best-effort";
 
 #[path = "../it/support/mod.rs"]
 mod support;

@@ -59,6 +59,8 @@ pub struct Daemon {
     pub env: Vec<(String, String)>,
     /// Runs the daemon as this uid (through setpriv) when the tests run as root.
     pub uid: Option<u32>,
+    /// RLIMIT_NPROC for the daemon (through prlimit): a pids limit.
+    pub nproc: Option<u64>,
     log: PathBuf,
     _scratch: TempDir,
 }
@@ -136,12 +138,25 @@ impl Daemon {
             std::fs::create_dir_all(&dir).unwrap();
             chown_tree(scratch.path(), uid);
         }
-        Daemon::launch_new(scratch, dir, env, uid)
+        Daemon::launch_new(scratch, dir, env, uid, None)
+    }
+
+    /// Like `start_unprivileged`, as a uid of its own (no other test's processes
+    /// count against its limits) and with RLIMIT_NPROC `nproc`.
+    pub fn start_limited(env: &[(&str, &str)], nproc: u64) -> Daemon {
+        let scratch = TempDir::new("daemon");
+        let dir = scratch.path().join("function");
+        let uid = (euid() == 0).then(|| 50_000 + std::process::id() % 10_000);
+        if let Some(uid) = uid {
+            std::fs::create_dir_all(&dir).unwrap();
+            chown_tree(scratch.path(), uid);
+        }
+        Daemon::launch_new(scratch, dir, env, uid, Some(nproc))
     }
 
     /// Starts a daemon over an existing functions dir (for restart tests).
     pub fn start_in(scratch: TempDir, dir: PathBuf, env: &[(&str, &str)]) -> Daemon {
-        Daemon::launch_new(scratch, dir, env, None)
+        Daemon::launch_new(scratch, dir, env, None, None)
     }
 
     fn launch_new(
@@ -149,6 +164,7 @@ impl Daemon {
         dir: PathBuf,
         env: &[(&str, &str)],
         uid: Option<u32>,
+        nproc: Option<u64>,
     ) -> Daemon {
         let env: Vec<(String, String)> = env
             .iter()
@@ -160,6 +176,7 @@ impl Daemon {
             dir,
             env,
             uid,
+            nproc,
             log: scratch.path().join("daemon.log"),
             _scratch: scratch,
         };
@@ -205,12 +222,22 @@ impl Daemon {
             }
             None => command(),
         };
+        if let Some(n) = self.nproc {
+            // prlimit sets the limit on itself and execs the rest: the daemon keeps its pid.
+            let inner = cmd;
+            cmd = Command::new("prlimit");
+            cmd.arg(format!("--nproc={n}:{n}"))
+                .arg("--")
+                .arg(inner.get_program())
+                .args(inner.get_args());
+        }
         cmd.env("EDGEFAAS_PORT", self.port.to_string())
             .env("EDGEFAAS_BIND", "127.0.0.1")
             .env("EDGEFAAS_FUNCTIONS_DIR", &self.dir)
             .env("EDGEFAAS_PYTHON", python())
             .env("RUST_LOG", "debug")
             .env("EDGEFAAS_MODE", crate::MODE)
+            .env("EDGEFAAS_SANDBOX", crate::SANDBOX)
             // Loopback only: no proxy may carry the test's downloads elsewhere.
             .env_remove("HTTP_PROXY")
             .env_remove("http_proxy")
@@ -383,24 +410,34 @@ impl Daemon {
             })
             .collect()
     }
+}
 
-    /// Waits until the handler that writes `marker` (a file in the scratch dir) has started.
-    pub fn wait_for_marker(&self, marker: &Path) -> String {
+/// Tests that need a kernel feature to check what they check: without it they
+/// print why and return false, and under CI=true they fail instead.
+pub fn have(feature: &str) -> bool {
+    let present = match feature {
+        "landlock" => landlock_abi() > 0,
+        "seccomp" => {
+            std::fs::read_to_string("/proc/self/status").is_ok_and(|s| s.contains("Seccomp:"))
+        }
+        other => panic!("unknown feature {other}"),
+    };
+    if !present {
+        let why = format!("this kernel has no {feature}");
         assert!(
-            eventually(Duration::from_secs(10), || marker.exists()),
-            "{} never appeared",
-            marker.display()
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true: cannot test: {why}"
         );
-        assert!(eventually(Duration::from_secs(2), || {
-            std::fs::read_to_string(marker).is_ok_and(|t| !t.is_empty())
-        }));
-        std::fs::read_to_string(marker).unwrap()
+        eprintln!("skipped: {why}");
     }
+    present
+}
 
-    /// A path in the scratch dir, outside the functions dir.
-    pub fn scratch(&self, file: &str) -> PathBuf {
-        self.dir.parent().unwrap().join(file)
-    }
+/// The kernel's Landlock ABI (0: none).
+pub fn landlock_abi() -> i64 {
+    // SAFETY: landlock_create_ruleset with LANDLOCK_CREATE_RULESET_VERSION (1)
+    // and no attributes only returns the ABI version (or -1).
+    unsafe { libc::syscall(444, std::ptr::null::<u8>(), 0usize, 1u32) }.max(0)
 }
 
 /// True for the fork-mode base process.
@@ -478,5 +515,55 @@ pub fn eventually(bound: Duration, mut cond: impl FnMut() -> bool) -> bool {
             return false;
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Where a function reports to the test (it started, its pid): a loopback
+/// socket, since the sandbox lets a function write nothing outside its own
+/// invocation's folder. Each message is one connection.
+pub struct Marker {
+    listener: std::net::TcpListener,
+    got: std::sync::Mutex<Vec<String>>,
+}
+
+impl Marker {
+    pub fn new() -> Marker {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        Marker {
+            listener,
+            got: Default::default(),
+        }
+    }
+
+    /// A Python expression that sends `expr` (a str) to the marker.
+    pub fn send(&self, expr: &str) -> String {
+        let port = self.listener.local_addr().unwrap().port();
+        format!(
+            "__import__('socket').create_connection(('127.0.0.1', {port})).sendall(str({expr}).encode())"
+        )
+    }
+
+    /// Every message received so far.
+    pub fn received(&self) -> Vec<String> {
+        use std::io::Read;
+        let mut got = self.got.lock().unwrap();
+        while let Ok((mut s, _)) = self.listener.accept() {
+            s.set_nonblocking(false).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut text = String::new();
+            let _ = s.read_to_string(&mut text);
+            got.push(text);
+        }
+        got.clone()
+    }
+
+    /// Waits (10 s at most) for the first message.
+    pub fn wait(&self) -> String {
+        assert!(
+            eventually(Duration::from_secs(10), || !self.received().is_empty()),
+            "the function never reported"
+        );
+        self.received()[0].clone()
     }
 }
