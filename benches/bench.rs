@@ -1,6 +1,9 @@
 //! `make bench`: every engine against the same loopback load, in one run.
 //!
-//! Engines: fork mode and exec mode with the default settings, and as the
+//! Engines (BENCH_ENGINES, default fork,fork-nosandbox,reuse,exec,ceiling):
+//! fork mode and exec mode with the default settings, fork mode with
+//! EDGEFAAS_SANDBOX=off (the sandbox's cost), `echo` installed with
+//! `reuse=true` (one warm child serving request after request), and as the
 //! ceiling a bare persistent Python HTTP server the bench starts itself (stdlib,
 //! keep-alive, TCP_NODELAY: no isolation and no daemon, so the ratio to it is the
 //! whole cost of a fresh process per request). For each: sequential latency of
@@ -25,6 +28,9 @@ use std::time::{Duration, Instant};
 
 use keepalive::Client;
 
+/// The embedded `echo`, installed again with `reuse=true` for the reuse engine.
+const ECHO: &str = include_str!("../python/echo/handler.py");
+
 fn main() {
     let requests: usize = env_or("BENCH_REQUESTS", 500);
     let seconds: u64 = env_or("BENCH_SECONDS", 10);
@@ -34,7 +40,7 @@ fn main() {
         .filter_map(|n| n.trim().parse().ok())
         .collect();
     let engines: Vec<String> = std::env::var("BENCH_ENGINES")
-        .unwrap_or_else(|_| "fork,exec,ceiling".into())
+        .unwrap_or_else(|_| "fork,fork-nosandbox,reuse,exec,ceiling".into())
         .split(',')
         .map(str::to_string)
         .collect();
@@ -48,18 +54,35 @@ fn main() {
 
     let mut rows = Vec::new();
     for engine in &engines {
-        let server = match engine.as_str() {
-            "ceiling" => Server::ceiling(&python),
-            mode => Server::daemon(&bin, &python, &[("EDGEFAAS_MODE", mode)]),
+        // fork-nosandbox: the sandbox's cost; reuse: one warm child per function.
+        let (server, path) = match engine.as_str() {
+            "ceiling" => (Server::ceiling(&python), "/echo"),
+            "fork-nosandbox" => (
+                Server::daemon(
+                    &bin,
+                    &python,
+                    &[("EDGEFAAS_MODE", "fork"), ("EDGEFAAS_SANDBOX", "off")],
+                ),
+                "/echo",
+            ),
+            "reuse" => {
+                let d = Server::daemon(&bin, &python, &[("EDGEFAAS_MODE", "fork")]);
+                d.put("/mgmt/echor?reuse=true", ECHO.as_bytes());
+                (d, "/echor")
+            }
+            mode => (
+                Server::daemon(&bin, &python, &[("EDGEFAAS_MODE", mode)]),
+                "/echo",
+            ),
         };
         for _ in 0..50 {
-            server.post("/echo", b"warm-up");
+            server.post(path, b"warm-up");
         }
-        let mut lat = sequential(server.port, requests);
+        let mut lat = sequential(server.port, path, requests);
         lat.sort();
         let loads: Vec<(f64, u64)> = levels
             .iter()
-            .map(|&c| throughput(server.port, c, Duration::from_secs(seconds)))
+            .map(|&c| throughput(server.port, path, c, Duration::from_secs(seconds)))
             .collect();
         rows.push((engine.clone(), pct(&lat, 50.0), pct(&lat, 99.0), loads));
     }
@@ -157,7 +180,7 @@ fn fork_extras(bin: &Path, python: &str) {
     }
     let n = 2000;
     let before = d.cpu();
-    sequential(d.port, n);
+    sequential(d.port, "/echo", n);
     let after = d.cpu();
     let per = |a: f64, b: f64| (b - a) * 1e6 / n as f64;
     println!(
@@ -208,12 +231,12 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-fn sequential(port: u16, n: usize) -> Vec<Duration> {
+fn sequential(port: u16, path: &str, n: usize) -> Vec<Duration> {
     let mut c = Client::new(port);
     (0..n)
         .map(|i| {
             let t = Instant::now();
-            let (status, body) = c.send("POST", "/echo", format!("hello {i}").as_bytes());
+            let (status, body) = c.send("POST", path, format!("hello {i}").as_bytes());
             assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
             t.elapsed()
         })
@@ -221,18 +244,19 @@ fn sequential(port: u16, n: usize) -> Vec<Duration> {
 }
 
 /// 2xx answers per second over `span` at `clients` keep-alive clients, and how many were not 2xx.
-fn throughput(port: u16, clients: usize, span: Duration) -> (f64, u64) {
+fn throughput(port: u16, path: &str, clients: usize, span: Duration) -> (f64, u64) {
     let stop = Arc::new(AtomicBool::new(false));
     let (good, bad) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let started = Instant::now();
     let threads: Vec<_> = (0..clients)
         .map(|_| {
             let (stop, good, bad) = (stop.clone(), good.clone(), bad.clone());
+            let path = path.to_string();
             std::thread::spawn(move || {
                 let mut c = Client::new(port);
                 while !stop.load(Ordering::Relaxed) {
                     // A dropped connection counts as a failed answer, then the client reconnects.
-                    match c.send_once("POST", "/echo", b"hello") {
+                    match c.send_once("POST", &path, b"hello") {
                         Ok((status, _)) if (200..300).contains(&status) => {
                             good.fetch_add(1, Ordering::Relaxed);
                         }
