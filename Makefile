@@ -23,8 +23,9 @@ empty :=
 space := $(empty) $(empty)
 
 .PHONY: run test lint build image push test-arm bench soak
+# The same as `cargo run --release`: EDGEFAAS_PYTHON picks the interpreter.
 run:
-	EDGEFAAS_PYTHON=$(PYTHON) cargo run --release
+	cargo run --release
 
 test:
 	cargo test

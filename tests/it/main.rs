@@ -20,6 +20,7 @@ mod mgmt;
 mod observe;
 mod overload;
 mod proxy;
+mod readme;
 mod sandbox;
 mod settings;
 mod sourcedir;
