@@ -317,29 +317,263 @@ fn seconds(
 }
 
 fn expectation(var: &str) -> &'static str {
-    match var {
-        "EDGEFAAS_BIND" => "an IP address such as 0.0.0.0 or ::",
-        "EDGEFAAS_PORT" => "a port number from 0 to 65535",
-        "EDGEFAAS_MODE" => "fork or exec",
-        "EDGEFAAS_SANDBOX" => "strict, best-effort or off",
-        "EDGEFAAS_EXEC_TIMEOUT"
-        | "EDGEFAAS_FETCH_TIMEOUT"
-        | "EDGEFAAS_SHUTDOWN_GRACE"
-        | "EDGEFAAS_IDLE_TIMEOUT"
-        | "EDGEFAAS_QUEUE_TIMEOUT"
-        | "EDGEFAAS_IO_TIMEOUT"
-        | "EDGEFAAS_SOURCE_INTERVAL" => "a number of seconds from 0.001 to 604800",
-        "EDGEFAAS_MAX_BODY" => "a number of bytes",
-        "EDGEFAAS_MAX_QUEUE" | "EDGEFAAS_MAX_CONNECTIONS_PER_CLIENT" => "a whole number",
-        "EDGEFAAS_WORKERS" => "a whole number of threads",
-        _ => "a whole number greater than 0",
-    }
+    VARS.iter()
+        .find(|v| v.name == var)
+        .map_or("a valid value", |v| v.expected)
 }
+
+/// `--help`: the variables, their defaults and what they do (from `VARS`).
+pub fn usage() -> String {
+    let plain = |s: &str| s.replace('`', "");
+    let mut out = String::from(
+        "edgefaas: a Function-as-a-Service daemon for edge devices\n\n\
+         Usage: edgefaas [--help | --version | healthcheck]\n\n\
+         healthcheck: GET /_/health on the configured port; exit 0 if it answers 200\n\n\
+         Configured by environment variables:\n",
+    );
+    for v in VARS {
+        out.push_str(&format!(
+            "  {} [{}]\n      {}\n",
+            v.name,
+            plain(v.default),
+            plain(v.help)
+        ));
+    }
+    out
+}
+
+/// The README's configuration table (a test compares it with README.md).
+#[cfg(test)]
+pub fn markdown_table() -> String {
+    let mut out = String::from("| variable | default | meaning |\n| --- | --- | --- |\n");
+    for v in VARS {
+        out.push_str(&format!("| `{}` | {} | {} |\n", v.name, v.default, v.help));
+    }
+    out
+}
+
+/// One configuration variable: its name, its default as the README shows it,
+/// what a bad value should have been (the error's text), and its help.
+pub struct Var {
+    pub name: &'static str,
+    pub default: &'static str,
+    pub expected: &'static str,
+    pub help: &'static str,
+}
+
+/// Every variable the daemon reads: `--help`, the errors and the README's
+/// configuration table come from here (a test checks the README).
+pub const VARS: &[Var] = &[
+    Var {
+        name: "EDGEFAAS_PORT",
+        default: "`8080`",
+        expected: "a port number from 0 to 65535",
+        help: "TCP port",
+    },
+    Var {
+        name: "EDGEFAAS_BIND",
+        default: "`0.0.0.0`",
+        expected: "an IP address such as 0.0.0.0 or ::",
+        help: "address to listen on (`::` for IPv6)",
+    },
+    Var {
+        name: "EDGEFAAS_FUNCTIONS_DIR",
+        default: "`./function`",
+        expected: "any text",
+        help: "where functions live (image: `/home/app/function`)",
+    },
+    Var {
+        name: "EDGEFAAS_PYTHON",
+        default: "`python3`",
+        expected: "any text",
+        help: "interpreter for functions",
+    },
+    Var {
+        name: "EDGEFAAS_MAX_INFLIGHT",
+        default: "2 x cores (2 to 16)",
+        expected: "a whole number greater than 0",
+        help: "invocations running at once; more wait in the queue",
+    },
+    Var {
+        name: "EDGEFAAS_MAX_QUEUE",
+        default: "`96`",
+        expected: "a whole number",
+        help: "invocations waiting at most; past it 429 with `Retry-After`. Keep max in flight + queue below `EDGEFAAS_MAX_CONNECTIONS`, so that waiting requests leave connections for health probes and `/mgmt`",
+    },
+    Var {
+        name: "EDGEFAAS_QUEUE_TIMEOUT",
+        default: "`30`",
+        expected: "a number of seconds from 0.001 to 604800",
+        help: "seconds an invocation may wait for a slot; then 429",
+    },
+    Var {
+        name: "EDGEFAAS_WORKERS",
+        default: "max in flight + 4",
+        expected: "a whole number of threads",
+        help: "request worker threads: the invocations, 2 installs, and 2 that always answer health, metrics and listings (at least max in flight + 3)",
+    },
+    Var {
+        name: "EDGEFAAS_EXEC_TIMEOUT",
+        default: "`10`",
+        expected: "a number of seconds from 0.001 to 604800",
+        help: "seconds an invocation may run",
+    },
+    Var {
+        name: "EDGEFAAS_MAX_BODY",
+        default: "`1048576`",
+        expected: "a number of bytes",
+        help: "largest request body, bytes",
+    },
+    Var {
+        name: "EDGEFAAS_MAX_OUTPUT",
+        default: "`4194304`",
+        expected: "a whole number greater than 0",
+        help: "largest function output, bytes",
+    },
+    Var {
+        name: "EDGEFAAS_MAX_FUNCTION_SIZE",
+        default: "`262144`",
+        expected: "a whole number greater than 0",
+        help: "largest function source, bytes",
+    },
+    Var {
+        name: "EDGEFAAS_FETCH_TIMEOUT",
+        default: "`30`",
+        expected: "a number of seconds from 0.001 to 604800",
+        help: "seconds a download may take",
+    },
+    Var {
+        name: "EDGEFAAS_MGMT_TOKEN",
+        default: "unset",
+        expected: "any text",
+        help: "bearer token for `/mgmt`; unset = open, with a warning at start-up; set but empty stops start-up",
+    },
+    Var {
+        name: "EDGEFAAS_MGMT_TOKEN_FILE",
+        default: "unset",
+        expected: "any text",
+        help: "a file holding the token (a mounted Kubernetes Secret; one trailing newline is dropped); not with `EDGEFAAS_MGMT_TOKEN`",
+    },
+    Var {
+        name: "EDGEFAAS_SANDBOX",
+        default: "`best-effort`",
+        expected: "strict, best-effort or off",
+        help: "`strict`, `best-effort` or `off` (see Isolation)",
+    },
+    Var {
+        name: "EDGEFAAS_SECRETS_DIR",
+        default: "unset",
+        expected: "any text",
+        help: "`<dir>/<name>/` holds function `<name>`'s secret files",
+    },
+    Var {
+        name: "EDGEFAAS_SHUTDOWN_GRACE",
+        default: "`10`",
+        expected: "a number of seconds from 0.001 to 604800",
+        help: "seconds SIGTERM waits for in-flight invocations",
+    },
+    Var {
+        name: "EDGEFAAS_MODE",
+        default: "`fork`",
+        expected: "fork or exec",
+        help: "`fork`: a warm zygote per function forks each request; `exec`: a new Python per request",
+    },
+    Var {
+        name: "EDGEFAAS_IDLE_TIMEOUT",
+        default: "`300`",
+        expected: "a number of seconds from 0.001 to 604800",
+        help: "seconds an unused zygote stays warm",
+    },
+    Var {
+        name: "EDGEFAAS_MAX_WARM",
+        default: "`16`",
+        expected: "a whole number greater than 0",
+        help: "functions kept warm at most (fork mode); the least recently used is stopped first",
+    },
+    Var {
+        name: "EDGEFAAS_SOURCE_DIR",
+        default: "unset",
+        expected: "any text",
+        help: "read-only folder of `name.py` files kept in sync (a mounted ConfigMap)",
+    },
+    Var {
+        name: "EDGEFAAS_SOURCE_INTERVAL",
+        default: "`10`",
+        expected: "a number of seconds from 0.001 to 604800",
+        help: "seconds between checks of the source dir",
+    },
+    Var {
+        name: "EDGEFAAS_MAX_CONNECTIONS",
+        default: "`128`",
+        expected: "a whole number greater than 0",
+        help: "client connections at once; more get 503 at once",
+    },
+    Var {
+        name: "EDGEFAAS_MAX_CONNECTIONS_PER_CLIENT",
+        default: "`0` (off)",
+        expected: "a whole number",
+        help: "connections from one client address at once; more get 503 (see Hardening for when to set it)",
+    },
+    Var {
+        name: "EDGEFAAS_IO_TIMEOUT",
+        default: "`30`",
+        expected: "a number of seconds from 0.001 to 604800",
+        help: "seconds a request head may take from its first byte, and an idle keep-alive connection lives; bodies and answers get this plus their length at 16 KiB/s",
+    },
+    Var {
+        name: "EDGEFAAS_LOG_TIMESTAMPS",
+        default: "on, off under journald",
+        expected: "on or off",
+        help: "`off` leaves timestamps out of the log; they are left out anyway when the daemon runs under journald (`JOURNAL_STREAM` is set), which adds its own",
+    },
+    Var {
+        name: "RUST_LOG",
+        default: "`info`",
+        expected: "any text",
+        help: "log level (`debug` for internals); one access-log line per request",
+    },
+];
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    #[test]
+    fn the_readme_table_is_the_code_table() {
+        let readme = include_str!("../README.md");
+        let table = markdown_table();
+        assert!(
+            readme.contains(&table),
+            "README.md's configuration table differs from config::VARS; it should read:\n{table}"
+        );
+    }
+
+    #[test]
+    fn every_variable_read_is_in_the_table_and_every_error_names_its_own() {
+        let source = include_str!("config.rs");
+        let main = include_str!("main.rs");
+        for text in [source, main] {
+            for (i, _) in text.match_indices("\"EDGEFAAS_") {
+                let name: String = text[i + 1..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_uppercase() || *c == '_')
+                    .collect();
+                // (A bare "EDGEFAAS_" is a prefix test, not a variable.)
+                assert!(
+                    name == "EDGEFAAS_" || VARS.iter().any(|v| v.name == name),
+                    "{name} is read but not in VARS"
+                );
+            }
+        }
+        for v in VARS.iter().filter(|v| v.expected != "any text") {
+            let e = from(&[(v.name, "\u{1}nonsense")]);
+            if let Err(e) = e {
+                assert!(e.to_string().contains(v.expected), "{e}");
+                assert!(e.to_string().starts_with(v.name), "{e}");
+            }
+        }
+    }
 
     fn from(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let map: HashMap<String, String> = vars

@@ -26,9 +26,9 @@ pub enum Error {
     /// The downloaded bytes do not match the `#sha256=` pin.
     HashMismatch { expected: String, actual: String },
     /// The download failed: unreachable, non-2xx, too many redirects.
-    Fetch(String),
+    Fetch { url: String, why: String },
     /// The download took longer than `EDGEFAAS_FETCH_TIMEOUT`.
-    FetchTimeout,
+    FetchTimeout { url: String },
     /// A body or function file over its limit; says which limit.
     TooLarge(String),
     /// The admission queue is full, or the wait for a slot ran out.
@@ -63,10 +63,22 @@ impl Error {
             Error::Unprocessable(_) => 422,
             Error::Busy(_) => 429,
             Error::Failed { .. } | Error::Io(_) => 500,
-            Error::Fetch(_) => 502,
+            Error::Fetch { .. } => 502,
             Error::ShuttingDown | Error::Unavailable(_) => 503,
-            Error::FetchTimeout | Error::Timeout { .. } => 504,
+            Error::FetchTimeout { .. } | Error::Timeout { .. } => 504,
             Error::NoSpace => 507,
+        }
+    }
+}
+
+impl Error {
+    /// What the log says of it: the answer's line, plus what only the operator
+    /// should see (the URL of a failed download, without its credentials).
+    pub fn detail(&self) -> String {
+        match self {
+            Error::Fetch { url, why } => format!("download of {url} failed: {why}"),
+            Error::FetchTimeout { url } => format!("download of {url} timed out"),
+            other => other.to_string(),
         }
     }
 }
@@ -91,8 +103,8 @@ impl fmt::Display for Error {
                     "sha256 mismatch: expected {expected}, downloaded {actual}"
                 )
             }
-            Error::Fetch(why) => write!(f, "download failed: {why}"),
-            Error::FetchTimeout => write!(f, "download timed out"),
+            Error::Fetch { why, .. } => write!(f, "download failed: {why}"),
+            Error::FetchTimeout { .. } => write!(f, "download timed out"),
             Error::TooLarge(what) => write!(f, "{what}"),
             Error::Unprocessable(why) => write!(f, "{why}; nothing was changed"),
             Error::Busy(crate::admission::Refused::TimedOut) => {

@@ -73,6 +73,21 @@ impl Source {
     }
 }
 
+impl Source {
+    /// The URL without credentials (`user:pass@`) or fragment: what is stored,
+    /// listed and logged. The credentials are used for the download only.
+    pub fn public_url(&self) -> String {
+        let Some((scheme, rest)) = self.url.split_once("://") else {
+            return self.url.clone();
+        };
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        match rest[..end].rfind('@') {
+            Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
+            None => self.url.clone(),
+        }
+    }
+}
+
 /// Downloads function files with fixed bounds.
 pub struct Fetcher {
     agent: ureq::Agent,
@@ -100,7 +115,11 @@ impl Fetcher {
                 src.name, self.max_size
             ))
         };
-        let mut response = self.agent.get(&src.url).call().map_err(|e| self.error(e))?;
+        let mut response = self
+            .agent
+            .get(&src.url)
+            .call()
+            .map_err(|e| self.error(src, e))?;
         if response
             .body()
             .content_length()
@@ -115,7 +134,7 @@ impl Fetcher {
             .read_to_vec()
             .map_err(|e| match e {
                 ureq::Error::BodyExceedsLimit(_) => too_large(),
-                e => self.error(e),
+                e => self.error(src, e),
             })?;
         if let Some(expected) = &src.sha256 {
             let actual = sha256_hex(&bytes);
@@ -129,20 +148,25 @@ impl Fetcher {
         Ok(bytes)
     }
 
-    /// Turns a ureq failure into what the client is told.
-    fn error(&self, e: ureq::Error) -> Error {
+    /// Turns a ureq failure into what the client is told (and the log, with the URL).
+    fn error(&self, src: &Source, e: ureq::Error) -> Error {
+        let url = src.public_url();
+        let fetch = |why: String| Error::Fetch {
+            url: url.clone(),
+            why,
+        };
         match e {
-            ureq::Error::Timeout(_) => Error::FetchTimeout,
-            ureq::Error::StatusCode(code) => Error::Fetch(format!("server answered HTTP {code}")),
-            ureq::Error::TooManyRedirects => {
-                Error::Fetch(format!("more than {MAX_REDIRECTS} redirects"))
+            ureq::Error::Timeout(_) => Error::FetchTimeout { url },
+            ureq::Error::StatusCode(code) => fetch(format!("server answered HTTP {code}")),
+            ureq::Error::TooManyRedirects => fetch(format!("more than {MAX_REDIRECTS} redirects")),
+            ureq::Error::HostNotFound => fetch("host not found".into()),
+            ureq::Error::ConnectionFailed => fetch("cannot connect to host".into()),
+            ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => {
+                Error::FetchTimeout { url }
             }
-            ureq::Error::HostNotFound => Error::Fetch("host not found".into()),
-            ureq::Error::ConnectionFailed => Error::Fetch("cannot connect to host".into()),
-            ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => Error::FetchTimeout,
-            ureq::Error::Io(io) => Error::Fetch(io.to_string()),
-            ureq::Error::BadUri(why) => Error::Fetch(format!("bad URL or redirect target: {why}")),
-            other => Error::Fetch(other.to_string()),
+            ureq::Error::Io(io) => fetch(io.to_string()),
+            ureq::Error::BadUri(why) => fetch(format!("bad URL or redirect target: {why}")),
+            other => fetch(other.to_string()),
         }
     }
 }
@@ -150,6 +174,14 @@ impl Fetcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_never_leave_the_download() {
+        let s = Source::parse("http://ops:hunter2@files.local:8000/fns/avg.py?x=1#sha256=0000000000000000000000000000000000000000000000000000000000000000").unwrap();
+        assert_eq!(s.public_url(), "http://files.local:8000/fns/avg.py?x=1");
+        let s = Source::parse("https://h/a@b/f.py").unwrap();
+        assert_eq!(s.public_url(), "https://h/a@b/f.py");
+    }
 
     const HEX: &str = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
 

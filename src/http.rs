@@ -19,6 +19,8 @@ pub struct Answer {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// For a 5xx the daemon made: why, for the log's warning.
+    pub cause: Option<String>,
 }
 
 impl Answer {
@@ -28,12 +30,16 @@ impl Answer {
             status,
             headers: vec![("Content-Type".into(), "text/plain; charset=utf-8".into())],
             body: format!("{msg}\n").into_bytes(),
+            cause: None,
         }
     }
 
     /// The answer a client sees for an error.
     pub fn error(e: &Error) -> Answer {
         let mut a = Answer::text(e.status(), e);
+        if a.status >= 500 {
+            a.cause = Some(e.detail());
+        }
         match e {
             Error::Method(allowed) => a.headers.push(("Allow".into(), (*allowed).into())),
             Error::Busy(_) => a.headers.push(("Retry-After".into(), "1".into())),
@@ -55,7 +61,7 @@ fn quiet(url: &str) -> bool {
 }
 
 /// Sends `answer` to `req`'s client and writes the access-log line.
-pub fn send(req: Request, answer: Answer, started: Instant) {
+pub fn send(req: Request, mut answer: Answer, started: Instant) {
     let method = req.method().to_string();
     let url = req.url().to_string();
     let remote = req
@@ -63,6 +69,7 @@ pub fn send(req: Request, answer: Answer, started: Instant) {
         .map_or_else(|| "-".into(), |a| a.ip().to_string());
     let status = answer.status;
     let len = answer.body.len();
+    let cause = answer.cause.take();
     let mut response = Response::from_data(answer.body).with_status_code(status);
     for (k, v) in &answer.headers {
         match Header::from_bytes(k.as_bytes(), v.as_bytes()) {
@@ -73,7 +80,10 @@ pub fn send(req: Request, answer: Answer, started: Instant) {
     }
     let _ = req.respond(response);
     let ms = started.elapsed().as_secs_f64() * 1000.0;
-    if quiet(&url) {
+    if let Some(cause) = cause {
+        // Every 5xx the daemon makes says why, once, on its access line.
+        warn!(target: "access", "{remote} {method} {url} {status} {len} {ms:.1}ms: {cause}");
+    } else if quiet(&url) {
         debug!(target: "access", "{remote} {method} {url} {status} {len} {ms:.1}ms");
     } else {
         info!(target: "access", "{remote} {method} {url} {status} {len} {ms:.1}ms");

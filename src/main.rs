@@ -32,33 +32,13 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use crate::app::App;
 use crate::config::Config;
 
-const USAGE: &str = "\
-edgefaas: a Function-as-a-Service daemon for edge devices
-
-Usage: edgefaas [--help | --version]
-
-Configured by environment variables (defaults in brackets):
-  EDGEFAAS_PORT [8080]             EDGEFAAS_BIND [0.0.0.0]
-  EDGEFAAS_FUNCTIONS_DIR [./function]
-  EDGEFAAS_PYTHON [python3]        EDGEFAAS_WORKERS [2 x cores, at least 4]
-  EDGEFAAS_MAX_INFLIGHT [workers - 1]
-  EDGEFAAS_EXEC_TIMEOUT [10]       EDGEFAAS_FETCH_TIMEOUT [30]   (seconds)
-  EDGEFAAS_SHUTDOWN_GRACE [10]     (seconds)
-  EDGEFAAS_MAX_BODY [1048576]      EDGEFAAS_MAX_OUTPUT [4194304]
-  EDGEFAAS_MAX_FUNCTION_SIZE [262144]                           (bytes)
-  EDGEFAAS_MGMT_TOKEN [unset: /mgmt is open]
-  EDGEFAAS_MODE [fork] (fork | exec)  EDGEFAAS_IDLE_TIMEOUT [300] (seconds)
-  EDGEFAAS_SOURCE_DIR [unset]      EDGEFAAS_SOURCE_INTERVAL [10] (seconds)
-  EDGEFAAS_MAX_CONNECTIONS [128]   EDGEFAAS_IO_TIMEOUT [30] (seconds)
-  RUST_LOG [info]
-";
-
 fn main() -> ExitCode {
     match std::env::args().nth(1).as_deref() {
         Some("-h" | "--help") => {
-            print!("{USAGE}");
+            print!("{}", config::usage());
             return ExitCode::SUCCESS;
         }
+        Some("healthcheck") => return healthcheck(),
         Some("-V" | "--version") => {
             println!("edgefaas {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
@@ -71,7 +51,7 @@ fn main() -> ExitCode {
         }
         None => {}
     }
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    init_log();
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -110,13 +90,6 @@ fn run() -> Result<(), String> {
             inflight + queue
         );
     }
-    info!(
-        "python: {} {} ({}); sandbox: {}",
-        app.interpreter.executable.display(),
-        app.interpreter.version,
-        app.config.python,
-        app.invoker.sandbox().report()
-    );
     if app.config.mgmt_token.is_none() {
         warn!("EDGEFAAS_MGMT_TOKEN is not set: anyone who reaches the port can install functions");
     }
@@ -140,14 +113,28 @@ fn run() -> Result<(), String> {
     let _ = app.server.set(server.clone());
     let pool = server::Pool::start(app.clone(), server.clone())
         .map_err(|e| format!("cannot start workers: {e}"))?;
+    let token = match (&app.config.mgmt_token, &app.config.mgmt_token_file) {
+        (None, _) => "unset (/mgmt is open)".to_string(),
+        (Some(_), Some(file)) => format!("from {}", file.display()),
+        (Some(_), None) => "set".to_string(),
+    };
     info!(
-        "edgefaas {} serving {} on {} with {} workers, {} invocations at once, {} waiting at most",
+        "edgefaas {} ready on {}: {} mode, {} workers, {} invocations at once, {} waiting at most; \
+         python {} {} (EDGEFAAS_PYTHON={}); functions {}; token {token}; sandbox: {}",
         env!("CARGO_PKG_VERSION"),
-        app.store.dir().display(),
         server.server_addr(),
+        match app.config.mode {
+            invoke::Mode::Fork => "fork",
+            invoke::Mode::Exec => "exec",
+        },
         app.config.workers,
         app.config.max_inflight,
-        app.config.max_queue
+        app.config.max_queue,
+        app.interpreter.executable.display(),
+        app.interpreter.version,
+        app.config.python,
+        app.store.dir().display(),
+        app.invoker.sandbox().report()
     );
     let signal = signals.forever().next().unwrap_or(SIGTERM);
     info!(
@@ -175,6 +162,94 @@ fn drain(app: &App) {
         let deadline = Instant::now() + Duration::from_secs(2);
         while app.inflight() > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// The log: `RUST_LOG` levels; each line with a UTC timestamp, unless journald
+/// (`JOURNAL_STREAM`) adds its own or `EDGEFAAS_LOG_TIMESTAMPS=off`; under
+/// journald each line carries its priority (`<4>` for a warning) instead.
+fn init_log() {
+    use std::io::Write;
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let stamps = !journald
+        && !matches!(
+            std::env::var("EDGEFAAS_LOG_TIMESTAMPS").as_deref(),
+            Ok("off" | "0" | "false" | "no")
+        );
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format(move |buf, record| {
+            let level = record.level();
+            if journald {
+                let priority = match level {
+                    log::Level::Error => 3,
+                    log::Level::Warn => 4,
+                    log::Level::Info => 6,
+                    _ => 7,
+                };
+                return writeln!(
+                    buf,
+                    "<{priority}>{level:<5} {}: {}",
+                    record.target(),
+                    record.args()
+                );
+            }
+            if stamps {
+                write!(buf, "{} ", timestamp())?;
+            }
+            writeln!(buf, "{level:<5} {}: {}", record.target(), record.args())
+        })
+        .init();
+}
+
+/// Now, UTC, to the millisecond: `2026-11-30T01:02:03.456Z`.
+fn timestamp() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = store::rfc3339(now.as_secs());
+    format!("{}.{:03}Z", secs.trim_end_matches('Z'), now.subsec_millis())
+}
+
+/// `edgefaas healthcheck`: GET /_/health on the configured port (what a
+/// container's HEALTHCHECK runs: the image needs no curl or wget). Exit 0 on 200.
+fn healthcheck() -> ExitCode {
+    use std::io::{Read, Write};
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("edgefaas healthcheck: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let ip = match config.bind {
+        std::net::IpAddr::V4(v4) if v4.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(v6) if v6.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    let addr = std::net::SocketAddr::new(ip, config.port);
+    let timeout = Duration::from_secs(3);
+    let answer = (|| -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        s.write_all(b"GET /_/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let mut head = vec![0u8; 256];
+        let n = s.read(&mut head)?;
+        Ok(String::from_utf8_lossy(&head[..n]).into_owned())
+    })();
+    match answer {
+        Ok(text) if text.starts_with("HTTP/1.1 200") => ExitCode::SUCCESS,
+        Ok(text) => {
+            eprintln!(
+                "edgefaas healthcheck: {addr} answered {}",
+                text.lines().next().unwrap_or("nothing")
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("edgefaas healthcheck: {addr}: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -151,7 +151,13 @@ fn install_from_url(app: &App, text: &str, query: &str) -> Result<Answer> {
     writable(app, &source.name)?;
     let bytes = app.fetcher.fetch(&source)?;
     app.metrics.downloaded(bytes.len());
-    let outcome = app.install(&source.name, &bytes, &source.url, Origin::Url, query)?;
+    let outcome = app.install(
+        &source.name,
+        &bytes,
+        &source.public_url(),
+        Origin::Url,
+        query,
+    )?;
     installed(&source.name, outcome)
 }
 

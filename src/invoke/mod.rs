@@ -476,6 +476,7 @@ impl Invoker {
                     status: checked.status,
                     headers,
                     body: outcome.stdout,
+                    cause: None,
                 })
             }
             Some(Err(code)) => Err(failed(

@@ -1,4 +1,4 @@
-//! What operators read: the Prometheus metrics and the JSON listing.
+//! What operators read: the Prometheus metrics, the JSON listing, and the log.
 
 use std::collections::BTreeMap;
 
@@ -166,4 +166,86 @@ fn json_listing_describes_each_function_and_plain_stays_plain() {
         d.req("GET", "/mgmt", b"").text(),
         "echo\nfromurl\nuploaded\n"
     );
+}
+
+#[test]
+fn start_up_says_in_one_line_what_runs_and_how() {
+    let d = Daemon::start(&[("EDGEFAAS_MGMT_TOKEN", "t0k3n")]);
+    let log = d.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains(" ready on "))
+        .unwrap_or_else(|| panic!("no start-up line:\n{log}"));
+    for part in [
+        concat!("edgefaas ", env!("CARGO_PKG_VERSION")),
+        &format!("127.0.0.1:{}", d.port),
+        &format!("{} mode", crate::MODE),
+        &format!("(EDGEFAAS_PYTHON={})", crate::support::python()),
+        &format!("functions {}", d.dir.canonicalize().unwrap().display()),
+        "token set",
+        "sandbox: ",
+    ] {
+        assert!(line.contains(part), "{part:?} missing from: {line}");
+    }
+    assert!(!line.contains("t0k3n"), "{line}");
+    // Timestamped, UTC to the millisecond, outside journald.
+    let stamp = line.split_whitespace().next().unwrap();
+    assert!(
+        stamp.len() == 24 && stamp.ends_with('Z') && stamp.contains('T'),
+        "{line}"
+    );
+}
+
+#[test]
+fn every_5xx_the_daemon_makes_is_a_warning_naming_its_cause() {
+    let d = Daemon::start(&[("EDGEFAAS_EXEC_TIMEOUT", "0.5"), ("RUST_LOG", "info")]);
+    d.upload(
+        "sleepy",
+        "import time\ndef handle(req):\n    time.sleep(5)\n",
+    );
+    d.upload(
+        "broken",
+        "def handle(req):\n    raise ValueError('no such sensor')\n",
+    );
+    assert_eq!(d.req("GET", "/sleepy", b"").status, 504);
+    assert_eq!(d.req("GET", "/broken", b"").status, 500);
+    let port = crate::support::free_port();
+    let url = format!("http://ops:hunter2@127.0.0.1:{port}/gone.py");
+    assert_eq!(d.req("POST", "/mgmt", url.as_bytes()).status, 502);
+    for _ in 0..3 {
+        assert_eq!(d.req("GET", "/_/health", b"").status, 200);
+    }
+    let log = d.log();
+    let warned = |what: &str| {
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("access") && l.contains(what))
+    };
+    assert!(
+        warned("/sleepy 504") && warned("timed out after 0.5s"),
+        "{log}"
+    );
+    assert!(
+        warned("/broken 500") && warned("ValueError: no such sensor"),
+        "{log}"
+    );
+    assert!(
+        warned(&format!(
+            "download of http://127.0.0.1:{port}/gone.py failed"
+        )),
+        "{log}"
+    );
+    assert!(!log.contains("hunter2"), "credentials in the log:\n{log}");
+    // Probes are not worth a line at info.
+    assert!(!log.contains("/_/health 200"), "{log}");
+}
+
+#[test]
+fn under_journald_lines_carry_priorities_not_timestamps() {
+    let d = Daemon::start(&[("JOURNAL_STREAM", "8:12345"), ("RUST_LOG", "info")]);
+    d.upload("broken", "def handle(req):\n    raise ValueError('x')\n");
+    assert_eq!(d.req("GET", "/broken", b"").status, 500);
+    let log = d.log();
+    assert!(log.lines().any(|l| l.starts_with("<6>INFO")), "{log}");
+    assert!(log.lines().any(|l| l.starts_with("<4>WARN")), "{log}");
+    assert!(!log.lines().any(|l| l.starts_with("20")), "{log}");
 }

@@ -387,7 +387,7 @@ fn start_up_says_what_is_on_and_metrics_export_it() {
         line.contains("seccomp") && line.contains("missing: "),
         "{line}"
     );
-    assert!(line.contains("python: ") && line.contains("3."), "{line}");
+    assert!(line.contains("python ") && line.contains(" 3."), "{line}");
     assert!(
         metrics.contains("edgefaas_sandbox{feature=\"seccomp\"} 1"),
         "{metrics}"
