@@ -131,7 +131,7 @@ fn running_out_of_file_descriptors_does_not_stop_the_accept_loop() {
         .args(["--pid", &d.pid().to_string(), "--nofile=48:48"])
         .status();
     if !limit.is_ok_and(|s| s.success()) {
-        eprintln!("skipped: prlimit is not available");
+        crate::support::skip("prlimit is not available");
         return;
     }
     // More connections than descriptors: accept fails with EMFILE for a while.

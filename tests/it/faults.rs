@@ -100,8 +100,23 @@ fn sigkill_at_random_moments_leaves_every_function_whole_and_one_of_its_versions
     eprintln!("SIGKILLs injected and survived: {rounds}");
 }
 
-/// Mounts a small tmpfs at `dir` if this process may; returns whether it did.
-fn mount_tmpfs(dir: &std::path::Path, size: &str) -> bool {
+/// A tmpfs mounted for a test, unmounted when dropped (also when the test fails).
+struct Tmpfs(std::path::PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazy: the daemon may still hold files there; it goes once they close.
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        // Whichever of the mount and the scratch dir goes first, nothing stays.
+        let _ = std::fs::remove_dir_all(&self.0);
+        if let Some(scratch) = self.0.parent() {
+            let _ = std::fs::remove_dir(scratch);
+        }
+    }
+}
+
+/// Mounts a small tmpfs at `dir` if this process may.
+fn mount_tmpfs(dir: &std::path::Path, size: &str) -> Option<Tmpfs> {
     std::fs::create_dir_all(dir).unwrap();
     Command::new("mount")
         .args([
@@ -115,6 +130,7 @@ fn mount_tmpfs(dir: &std::path::Path, size: &str) -> bool {
         .stderr(std::process::Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+        .then(|| Tmpfs(dir.to_path_buf()))
 }
 
 /// Free bytes on the file system holding `dir`, as df reports them.
@@ -135,7 +151,8 @@ fn available_bytes(dir: &std::path::Path) -> u64 {
 fn a_full_disk_answers_507_and_keeps_the_old_version() {
     let scratch = TempDir::new("disk");
     let disk = scratch.path().join("disk");
-    let mounted = mount_tmpfs(&disk, "400k");
+    let tmpfs = mount_tmpfs(&disk, "400k");
+    let mounted = tmpfs.is_some();
     let d = if mounted {
         Daemon::start_in(scratch, disk.join("function"), &[])
     } else {
@@ -149,7 +166,7 @@ fn a_full_disk_answers_507_and_keeps_the_old_version() {
             .args(["--pid", &d.pid().to_string(), "--fsize=65536"])
             .status();
         if !ok.is_ok_and(|s| s.success()) {
-            eprintln!("skipped: neither mount nor prlimit is available");
+            crate::support::skip("neither mount nor prlimit is available");
             return;
         }
     }
@@ -178,9 +195,9 @@ fn a_full_disk_answers_507_and_keeps_the_old_version() {
         std::fs::remove_file(&filler).unwrap();
         assert_eq!(d.req("PUT", "/mgmt/keep", big.as_bytes()).status, 200);
         assert_eq!(d.req("GET", "/keep", b"").text(), "new\n");
-        drop(d);
-        let _ = Command::new("umount").arg(&disk).status();
     }
+    drop(tmpfs);
+    drop(d);
 }
 
 #[test]

@@ -1,4 +1,5 @@
-//! The seed's curl session from SPEC.md, step by step.
+//! The original EdgeFaaS curl session (the seed's contract), step by step
+//! through the harness; `readme.rs` runs the README's own session as written.
 
 use crate::support::{Daemon, FileServer};
 
