@@ -288,9 +288,11 @@ def confine_function(opts, ruleset):
 
 
 def parse_options(fields):
-    """`key=value` fields of a base command; `env=K=V` repeats."""
+    """`key=value` options of a zygote or check; `env=K=V` repeats."""
     opts = {"env": {}}
     for field in fields:
+        if not field:
+            continue
         key, _, value = os.fsdecode(field).partition("=")
         if key == "env":
             k, _, v = value.partition("=")
@@ -323,8 +325,9 @@ def rmtree(path):
 # Fork mode. The daemon starts one base process (`--base`), with the
 # interpreter and this runner loaded, on a SOCK_SEQPACKET socket as its fd 0.
 # Commands, each one message, answered b"pid <pid>":
-#   b"Z\0<handler>\0<k=v>..." + fds   fork a zygote; fds: its socket[, its Landlock layer]
-#   b"C\0<handler>\0<k=v>..." + fds   fork an import check; fds: result pipe[, layer]
+#   b"Z\0<handler>" + fds   fork a zygote; fds: its socket, its options[, its Landlock layer]
+#   b"C\0<handler>" + fds   fork an import check; fds: result pipe, options[, layer]
+# The options are b"k=v\0k=v..." in a pipe the forked child reads (never the base).
 # Options: tmp=<its invocations' folder> memory=<bytes> cpu=<seconds> nproc=<n>
 # reuse=1 secrets=<folder> env=<K>=<V>... (and landlock=<abi>, which the base adds).
 # A fork the kernel refuses is answered b"err <errno>". A zygote imports the handler,
@@ -373,14 +376,17 @@ def base(landlock):
                     if pid == 0:
                         break
                 continue
-            data, fds = recv_fds(ctl, 1 << 16, 2)
+            data, fds = recv_fds(ctl, 1 << 16, 3)
             if not data:
                 os._exit(0)
-            fields = data.split(b"\0")
-            kind, path, opts = fields[0], os.fsdecode(fields[1]), parse_options(fields[2:])
-            if landlock is not None:
-                opts["landlock"] = landlock
-            ruleset = fds[1] if len(fds) > 1 else None
+            if len(fds) < 2:
+                for passed in fds:
+                    os.close(passed)
+                ctl.send(b"err 22")
+                continue
+            kind, path = data.split(b"\0")[:2]
+            path = os.fsdecode(path)
+            ruleset = fds[2] if len(fds) > 2 else None
             sys.stdout.flush()
             sys.stderr.flush()
             try:
@@ -397,6 +403,11 @@ def base(landlock):
                 signal.set_wakeup_fd(-1)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 os.setpgid(0, 0)
+                # Its options, read here, after the fork: the base never holds them.
+                opts = parse_options(read_all(fds[1]).split(b"\0"))
+                os.close(fds[1])
+                if landlock is not None:
+                    opts["landlock"] = landlock
                 if kind == b"Z":
                     zygote(socket.socket(fileno=fds[0]), path, opts, ruleset)
                 else:
@@ -405,6 +416,15 @@ def base(landlock):
             for passed in fds:
                 os.close(passed)
             ctl.send(b"pid %d" % pid)
+
+
+def read_all(fd):
+    chunks = []
+    while True:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
 
 
 def recv_fds(sock, size, maxfds, flags=0):

@@ -70,6 +70,16 @@ impl App {
         let sandbox = Sandbox::new(config.sandbox, &interpreter, &places, daemon_tasks)
             .verify(&config.python)?;
         sandbox.strict_ok()?;
+        if let Some(file) = &config.mgmt_token_file {
+            if let Some(root) = sandbox.exposes(file) {
+                return Err(format!(
+                    "EDGEFAAS_MGMT_TOKEN_FILE: {} is inside {}, which every function may read; \
+                     keep it outside /etc, /usr and the interpreter's paths (e.g. /run/secrets)",
+                    file.display(),
+                    root.display()
+                ));
+            }
+        }
         let procs = Arc::new(Processes::default());
         let invoker = Invoker::new(
             Settings {

@@ -76,6 +76,8 @@ fn run() -> Result<(), String> {
     // No function may read our memory or /proc entries (the token), or trace us.
     rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
         .map_err(|e| format!("cannot make the daemon undumpable: {e}"))?;
+    // Whatever the daemon inherited open stays out of function processes.
+    sys::cloexec_inherited();
     let app = App::new(config)?;
     let app = Arc::new(app);
     let (inflight, queue, conns) = (
@@ -145,6 +147,8 @@ fn run() -> Result<(), String> {
     drain(&app);
     pool.stop(Duration::from_secs(2));
     app.invoker.stop_all();
+    // Whatever function processes are left (escaped into sessions of their own) go too.
+    process::kill_descendants();
     info!("stopped");
     Ok(())
 }

@@ -501,6 +501,13 @@ impl Sandbox {
         let mut why = Vec::new();
         if self.landlock == 0 {
             why.push("Landlock is not available on this kernel".to_string());
+        } else if self.landlock < 6 {
+            // Without scoping, kill() on one of the daemon's thread ids cannot be told
+            // from a function's own child by any filter.
+            why.push(format!(
+                "Landlock ABI {} has no signal scoping (ABI 6, Linux 6.12)",
+                self.landlock
+            ));
         }
         if !self.seccomp {
             why.push("seccomp filters are not available".into());
@@ -566,6 +573,18 @@ impl Sandbox {
         self.ruleset(&read, std::slice::from_ref(&self.tmp_root))
     }
 
+    /// The folder every function may read that holds `path`, if any (with Landlock).
+    pub fn exposes(&self, path: &Path) -> Option<PathBuf> {
+        if self.off() || self.landlock == 0 {
+            return None;
+        }
+        let path = path.canonicalize().ok()?;
+        self.read_roots
+            .iter()
+            .find(|r| path.starts_with(r))
+            .cloned()
+    }
+
     /// One function's layer (zygote, or an exec-mode request): its own folder, its
     /// secrets and the runner readable; `write` (its tmp folder) writable.
     pub fn function_ruleset(&self, dir: &Path, name: &str, write: &Path) -> Option<OwnedFd> {
@@ -584,31 +603,14 @@ impl Sandbox {
     }
 
     /// A request's own layer in fork mode (the child enters it on receiving the
-    /// request): it may write only `folder` (and the devices), and signal or reach
-    /// by abstract socket only its own processes. `None` without Landlock or
-    /// without the runner's layers.
-    pub fn child_ruleset(&self, folder: &Path) -> Option<OwnedFd> {
+    /// request): what its zygote may read, but of the invocation folders only its
+    /// own (read and write), and signals and abstract sockets only among its own
+    /// processes. `None` without Landlock or without the runner's layers.
+    pub fn child_ruleset(&self, dir: &Path, name: &str, folder: &Path) -> Option<OwnedFd> {
         if self.landlock == 0 || !self.runner_layers {
             return None;
         }
-        let abi = ABI_WANTED;
-        let build = || -> Result<Option<OwnedFd>, landlock::RulesetError> {
-            let created = Ruleset::default()
-                .set_compatibility(CompatLevel::BestEffort)
-                .handle_access(AccessFs::from_write(abi))?
-                .scope(Scope::Signal | Scope::AbstractUnixSocket)?
-                .create()?
-                .add_rules(path_beneath_rules(
-                    DEVICES.iter().filter(|p| Path::new(p).exists()),
-                    AccessFs::WriteFile,
-                ))?
-                .add_rules(path_beneath_rules([folder], AccessFs::from_write(abi)))?;
-            Ok(created.into())
-        };
-        build().unwrap_or_else(|e| {
-            log::warn!("cannot build a Landlock ruleset: {e}");
-            None
-        })
+        self.function_ruleset(dir, name, folder)
     }
 
     /// Confines a command before it execs: oom score, rlimits, no_new_privs, the
@@ -712,24 +714,68 @@ fn seccomp_filter(daemon: u32) -> Vec<libc::sock_filter> {
     f.push(jump(0, 1, 0));
     f.push(stmt(BPF_RET | BPF_K, deny));
     f.push(stmt(BPF_LD | BPF_W | BPF_ABS, NR));
-    // Signals: the pid is argument 0 for all of these.
-    let targets = [daemon, daemon.wrapping_neg(), u32::MAX];
-    let n = targets.len() as u8;
-    for nr in SIGNALLING {
+    // clone3 passes its flags in memory, out of a filter's reach: ENOSYS makes the
+    // C library fall back to clone, whose flags (argument 0) are checked.
+    f.push(jump(SYS_CLONE3 as u32, 0, 1));
+    f.push(stmt(
+        BPF_RET | BPF_K,
+        libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
+    ));
+    f.push(jump(libc::SYS_clone as u32, 0, 3));
+    f.push(stmt(BPF_LD | BPF_W | BPF_ABS, ARG0_LOW));
+    f.push(libc::sock_filter {
+        code: (BPF_JMP | libc::BPF_JSET | BPF_K) as u16,
+        jt: 0,
+        jf: 1,
+        k: CLONE_REFUSED,
+    });
+    f.push(stmt(BPF_RET | BPF_K, deny));
+    f.push(stmt(BPF_LD | BPF_W | BPF_ABS, NR));
+    // Calls refused for some values of one argument: the block loads it and
+    // denies on a match, else allows.
+    let mut refuse_values = |nr: libc::c_long, offset: u32, values: &[u32]| {
+        let n = values.len() as u8;
         // Not this call: skip the block (load, checks, allow, deny) to the reload.
-        f.push(jump(*nr as u32, 0, n + 3));
-        f.push(stmt(BPF_LD | BPF_W | BPF_ABS, ARG0_LOW));
-        for (i, t) in targets.iter().enumerate() {
-            // A target: jump past the remaining checks and the allow, to the deny.
-            f.push(jump(*t, n - i as u8, 0));
+        f.push(jump(nr as u32, 0, n + 3));
+        f.push(stmt(BPF_LD | BPF_W | BPF_ABS, offset));
+        for (i, v) in values.iter().enumerate() {
+            // A match: jump past the remaining checks and the allow, to the deny.
+            f.push(jump(*v, n - i as u8, 0));
         }
         f.push(stmt(BPF_RET | BPF_K, allow));
         f.push(stmt(BPF_RET | BPF_K, deny));
         f.push(stmt(BPF_LD | BPF_W | BPF_ABS, NR));
+    };
+    // Signals: argument 0 is the pid (the daemon, its group, or everyone).
+    for nr in SIGNALLING {
+        refuse_values(*nr, ARG0_LOW, &[daemon, daemon.wrapping_neg(), u32::MAX]);
     }
+    // fcntl: asking for SIGIO (or another signal) to be sent to a pid, e.g. the daemon's.
+    let signal_owner = [libc::F_SETOWN as u32, F_SETOWN_EX, F_SETSIG];
+    refuse_values(libc::SYS_fcntl, ARG1_LOW, &signal_owner);
+    #[cfg(target_arch = "arm")]
+    refuse_values(libc::SYS_fcntl64, ARG1_LOW, &signal_owner);
     f.push(stmt(BPF_RET | BPF_K, allow));
     f
 }
+
+/// fcntl commands (the same on every Linux architecture; libc lacks them for musl).
+const F_SETSIG: u32 = 10;
+const F_SETOWN_EX: u32 = 15;
+
+/// clone3's number, the same on every architecture.
+const SYS_CLONE3: libc::c_long = 435;
+
+/// clone flags no function needs: a child of its parent's parent (out of reach of
+/// the zygote's and the daemon's kills), and new namespaces.
+const CLONE_REFUSED: u32 = (libc::CLONE_PARENT
+    | libc::CLONE_NEWNS
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWUSER
+    | libc::CLONE_NEWPID
+    | libc::CLONE_NEWNET
+    | libc::CLONE_NEWCGROUP) as u32;
 
 #[cfg(target_arch = "x86_64")]
 const AUDIT_ARCH: u32 = 0xC000_003E;
@@ -777,6 +823,24 @@ const DENIED: &[libc::c_long] = &[
     libc::SYS_open_tree,
     // tkill takes a thread id, which no filter can tell from the daemon's threads.
     libc::SYS_tkill,
+    // Signals through a pidfd (also a /proc/<pid> directory fd) or with a payload.
+    libc::SYS_pidfd_send_signal,
+    libc::SYS_rt_sigqueueinfo,
+    libc::SYS_rt_tgsigqueueinfo,
+    // Listening: a function could take the daemon's port on the other address
+    // family (or after a restart) and read the operator's token.
+    libc::SYS_listen,
+    // POSIX ACLs rewrite modes as chmod would; extended attributes by path.
+    libc::SYS_setxattr,
+    libc::SYS_lsetxattr,
+    libc::SYS_removexattr,
+    libc::SYS_lremovexattr,
+    SETXATTRAT,
+    REMOVEXATTRAT,
+    // io_uring runs system calls the filter never sees.
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
     // Modes, owners, times and lengths by path: Landlock does not guard them
     // (truncate before ABI 3), so another function's files could be made
     // unreadable or emptied. Through an open file (fchmod, ftruncate) they stay.
@@ -814,6 +878,10 @@ const DENIED: &[libc::c_long] = &[
     libc::SYS_kexec_file_load,
 ];
 
+/// setxattrat and removexattrat (Linux 6.13), the same numbers on every architecture.
+const SETXATTRAT: libc::c_long = 463;
+const REMOVEXATTRAT: libc::c_long = 466;
+
 /// fchmodat2 (Linux 6.6), the same number on every architecture.
 const FCHMODAT2: libc::c_long = 452;
 /// utimensat_time64 on 32-bit architectures (refused whatever its arguments:
@@ -822,13 +890,7 @@ const FCHMODAT2: libc::c_long = 452;
 const UTIMENSAT_TIME64: libc::c_long = 412;
 
 /// Allowed unless argument 0 (a pid) is the daemon, its group, or everyone.
-const SIGNALLING: &[libc::c_long] = &[
-    libc::SYS_kill,
-    libc::SYS_tgkill,
-    libc::SYS_rt_sigqueueinfo,
-    libc::SYS_rt_tgsigqueueinfo,
-    libc::SYS_pidfd_open,
-];
+const SIGNALLING: &[libc::c_long] = &[libc::SYS_kill, libc::SYS_tgkill, libc::SYS_pidfd_open];
 
 #[cfg(test)]
 mod tests {
@@ -898,6 +960,7 @@ mod tests {
                     let hit = match code & 0xf0 {
                         libc::BPF_JEQ => a == ins.k,
                         libc::BPF_JGE => a >= ins.k,
+                        libc::BPF_JSET => a & ins.k != 0,
                         other => panic!("jump {other:x}"),
                     };
                     pc += 1 + if hit { ins.jt } else { ins.jf } as usize;
@@ -940,6 +1003,40 @@ mod tests {
             run_data(&f, &data)
         };
         assert_eq!(utimensat(0), allow);
+        // clone: a fork or a thread, yes; CLONE_PARENT or a namespace, no; clone3: ENOSYS.
+        let clone = |flags: i32| run(&f, libc::SYS_clone, AUDIT_ARCH, flags as u64);
+        assert_eq!(
+            clone(libc::SIGCHLD | libc::CLONE_CHILD_SETTID | libc::CLONE_CHILD_CLEARTID),
+            allow
+        );
+        assert_eq!(
+            clone(
+                libc::CLONE_VM
+                    | libc::CLONE_FS
+                    | libc::CLONE_FILES
+                    | libc::CLONE_SIGHAND
+                    | libc::CLONE_THREAD
+            ),
+            allow
+        );
+        assert_eq!(clone(libc::CLONE_PARENT | libc::SIGCHLD), deny);
+        assert_eq!(clone(libc::CLONE_NEWUSER | libc::CLONE_NEWPID), deny);
+        assert_eq!(
+            run(&f, SYS_CLONE3, AUDIT_ARCH, 0),
+            libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32
+        );
+        // fcntl: F_SETFL yes, F_SETOWN no.
+        let fcntl = |cmd: i32| {
+            let mut data = [0u8; 64];
+            data[0..4].copy_from_slice(&(libc::SYS_fcntl as i32).to_le_bytes());
+            data[4..8].copy_from_slice(&AUDIT_ARCH.to_le_bytes());
+            data[24..32].copy_from_slice(&(cmd as u64).to_le_bytes());
+            run_data(&f, &data)
+        };
+        assert_eq!(fcntl(libc::F_SETFL), allow);
+        assert_eq!(fcntl(libc::F_SETOWN), deny);
+        assert_eq!(fcntl(F_SETSIG as i32), deny);
+        assert_eq!(fcntl(F_SETOWN_EX as i32), deny);
         assert_eq!(utimensat(0x7fff_0000), deny);
         assert_eq!(utimensat(0x1_0000_0000), deny);
         for nr in [

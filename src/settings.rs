@@ -39,6 +39,9 @@ pub struct Settings {
     pub schedule: Option<String>,
 }
 
+/// Most bytes a function's `env` settings may take (they travel to its zygote in a pipe).
+pub const MAX_ENV: usize = 32 * 1024;
+
 /// Smallest `memory` accepted: an interpreter needs about this much address space to start.
 pub const MIN_MEMORY: u64 = 32 << 20;
 
@@ -239,6 +242,12 @@ impl Settings {
         let mut s = old.cloned().unwrap_or_default();
         s.apply(from_header(source)?);
         s.apply(from_query(query)?);
+        let env_bytes: usize = s.env.iter().map(|(k, v)| k.len() + v.len() + 6).sum();
+        if env_bytes > MAX_ENV {
+            return Err(Error::BadRequest(format!(
+                "setting env: the variables take {env_bytes} bytes, more than {MAX_ENV}"
+            )));
+        }
         Ok(s)
     }
 

@@ -50,12 +50,41 @@ impl From<std::io::Error> for StartError {
 }
 
 /// The daemon's handle on one function's zygote. Dropping the last handle closes
-/// its socket: the zygote finishes the requests it runs, then exits.
+/// its socket: the zygote finishes the requests it runs, then exits; one still
+/// there after `GRACE` (code that ignores the end, threads it started) is killed.
 pub struct Zygote {
     pub name: FunctionName,
     pub pid: u32,
     sock: OwnedFd,
     last_used: Mutex<Instant>,
+    /// A pidfd: readable once it has exited (then its pid may be another's).
+    exit: Option<OwnedFd>,
+}
+
+/// How long a let-go zygote may take to leave before its group is killed.
+const GRACE: Duration = Duration::from_secs(5);
+
+/// Zygotes let go of, with the time they must be gone by (the evictor kills the rest).
+static LEAVING: Mutex<Vec<(OwnedFd, u32, Instant)>> = Mutex::new(Vec::new());
+
+/// Kills the let-go zygotes past their grace; forgets those that left.
+fn kill_overstayers() {
+    let now = Instant::now();
+    LEAVING
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|(exit, pid, by)| {
+            if readable_now(exit.as_fd()) {
+                return false;
+            }
+            if now < *by {
+                return true;
+            }
+            // Alive (the pidfd says so), so the pid is still its own and leads its group.
+            warn!("the zygote (pid {pid}) did not leave when let go; killing its group");
+            process::kill_group(*pid);
+            false
+        });
 }
 
 impl Zygote {
@@ -79,6 +108,13 @@ impl Drop for Zygote {
             "letting go of the zygote of {} (pid {})",
             self.name, self.pid
         );
+        if let Some(exit) = self.exit.take() {
+            LEAVING.lock().unwrap_or_else(|p| p.into_inner()).push((
+                exit,
+                self.pid,
+                Instant::now() + GRACE,
+            ));
+        }
     }
 }
 
@@ -95,6 +131,9 @@ struct Warm {
     zygotes: HashMap<FunctionName, Arc<Zygote>>,
     /// One lock per function being started, so a slow import blocks only its own callers.
     starting: HashMap<FunctionName, Arc<Mutex<()>>>,
+    /// Bumped when a function is updated or deleted: a zygote that started before
+    /// (maybe from the old code) serves its one request and is not kept.
+    generation: HashMap<FunctionName, u64>,
 }
 
 /// Fork mode's processes: the base and the warm zygotes.
@@ -163,15 +202,23 @@ impl Forks {
             warm.starting.entry(name.clone()).or_default().clone()
         };
         let _starting = gate.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(z) = self.warm().zygotes.get(name) {
-            return Ok(z.clone());
-        }
+        let generation = {
+            let warm = self.warm();
+            if let Some(z) = warm.zygotes.get(name) {
+                return Ok(z.clone());
+            }
+            warm.generation.get(name).copied().unwrap_or(0)
+        };
         let started = envelope()
             .map_err(StartError::Io)
             .and_then(|e| self.start(name, handler, e));
         let mut warm = self.warm();
         warm.starting.remove(name);
         let z = Arc::new(started?);
+        if warm.generation.get(name).copied().unwrap_or(0) != generation {
+            debug!("{name} changed while its zygote started: not keeping it");
+            return Ok(z);
+        }
         if warm.zygotes.len() >= self.max_warm {
             // The least recently used goes; its running requests finish first.
             let oldest = warm
@@ -193,7 +240,9 @@ impl Forks {
 
     /// Stops using `name`'s zygote (updated, deleted, or found dead).
     pub fn retire(&self, name: &FunctionName) {
-        if let Some(z) = self.warm().zygotes.remove(name) {
+        let mut warm = self.warm();
+        *warm.generation.entry(name.clone()).or_default() += 1;
+        if let Some(z) = warm.zygotes.remove(name) {
             debug!("retiring the zygote of {name} (pid {})", z.pid);
         }
     }
@@ -241,6 +290,7 @@ impl Forks {
                         Some(f) => f.evict_idle(),
                         None => return,
                     }
+                    kill_overstayers();
                 }
             })?;
         Ok(())
@@ -313,11 +363,15 @@ impl Forks {
         match runner::pid_reply(msg, "ready") {
             Some(p) if p == pid => {
                 info!("started the zygote of {name} (pid {pid})");
+                let exit = rustix::process::Pid::from_raw(pid as i32).and_then(|p| {
+                    rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
+                });
                 Ok(Zygote {
                     name: name.clone(),
                     pid,
                     sock: ours,
                     last_used: Mutex::new(Instant::now()),
+                    exit,
                 })
             }
             _ => {
@@ -339,11 +393,28 @@ impl Forks {
         fd: OwnedFd,
         ruleset: Option<OwnedFd>,
     ) -> std::io::Result<u32> {
-        let msg = runner::base_command(kind, handler, options);
+        // The options (a function's env= settings among them) go through a pipe the
+        // forked child reads: the base never holds them, so no later zygote, a fork
+        // of the base, finds another function's settings in its memory.
+        let blob = runner::encode_options(options);
+        if blob.len() > runner::OPTIONS_MAX {
+            return Err(std::io::Error::other(
+                "the function's settings are too large",
+            ));
+        }
+        let msg = runner::base_command(kind, handler);
         let mut base = self.base.lock().unwrap_or_else(|p| p.into_inner());
         for attempt in 0..2 {
+            let (opts_r, opts_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+            // Within a pipe's capacity (OPTIONS_MAX): this write does not block.
+            let mut written = 0;
+            while written < blob.len() {
+                written += rustix::io::write(&opts_w, &blob[written..])?;
+            }
+            drop(opts_w);
             let b = self.ensure_base(&mut base)?;
-            let fds: Vec<BorrowedFd<'_>> = std::iter::once(fd.as_fd())
+            let fds: Vec<BorrowedFd<'_>> = [fd.as_fd(), opts_r.as_fd()]
+                .into_iter()
                 .chain(ruleset.as_ref().map(AsFd::as_fd))
                 .collect();
             let sent = send_with_fds(b.sock.as_fd(), &msg, &fds);

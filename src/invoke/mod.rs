@@ -365,7 +365,8 @@ impl Invoker {
                 Err(StartError::Io(e)) => return Err(self.cannot_start(call.name, e)),
             };
             let (pipes, theirs) = pipes().map_err(|e| self.cannot_start(call.name, e))?;
-            let layer = tmp.and_then(|t| self.sandbox.child_ruleset(t));
+            let dir = call.handler.parent().unwrap_or(Path::new("/"));
+            let layer = tmp.and_then(|t| self.sandbox.child_ruleset(dir, call.name.as_str(), t));
             let fds: Vec<_> = theirs
                 .iter()
                 .map(AsFd::as_fd)

@@ -178,17 +178,22 @@ pub fn encode_env(env: &[(String, String)]) -> Vec<u8> {
     msg
 }
 
-/// A command for the base process: `Z` (fork a zygote) or `C` (fork a check),
-/// the handler path, then `key=value` options, NUL-separated.
-pub fn base_command(kind: u8, handler: &std::path::Path, options: &[String]) -> Vec<u8> {
+/// A command for the base process: `Z` (fork a zygote) or `C` (fork a check)
+/// and the handler path, NUL-separated (the options travel in a pipe).
+pub fn base_command(kind: u8, handler: &std::path::Path) -> Vec<u8> {
     use std::os::unix::ffi::OsStrExt;
     let mut msg = vec![kind, 0];
     msg.extend_from_slice(handler.as_os_str().as_bytes());
-    for o in options {
-        msg.push(0);
-        msg.extend_from_slice(o.as_bytes());
-    }
     msg
+}
+
+/// Largest options blob (it must fit a pipe's buffer: the daemon writes it
+/// before the child reads it).
+pub const OPTIONS_MAX: usize = 48 * 1024;
+
+/// A zygote's or check's `key=value` options, NUL-separated.
+pub fn encode_options(options: &[String]) -> Vec<u8> {
+    options.join("\0").into_bytes()
 }
 
 /// The interpreter running `runner`, with the daemon's environment minus its
@@ -307,12 +312,12 @@ mod tests {
         ];
         assert_eq!(encode_env(&env), b"Http_Method\0GET\0Http_Path\0/");
         assert_eq!(
-            base_command(
-                b'Z',
-                std::path::Path::new("/f/a/handler.py"),
-                &["tmp=/t".into()]
-            ),
-            b"Z\0/f/a/handler.py\0tmp=/t"
+            base_command(b'Z', std::path::Path::new("/f/a/handler.py")),
+            b"Z\0/f/a/handler.py"
+        );
+        assert_eq!(
+            encode_options(&["tmp=/t".into(), "env=A=1".into()]),
+            b"tmp=/t\0env=A=1"
         );
         assert_eq!(pid_reply(b"ready 12", "ready"), Some(12));
         assert_eq!(pid_reply(b"fail x", "ready"), None);

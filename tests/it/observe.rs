@@ -171,6 +171,10 @@ fn json_listing_describes_each_function_and_plain_stays_plain() {
 #[test]
 fn start_up_says_in_one_line_what_runs_and_how() {
     let d = Daemon::start(&[("EDGEFAAS_MGMT_TOKEN", "t0k3n")]);
+    // Written just after the port opens: a probe may be answered a moment before.
+    crate::support::eventually(std::time::Duration::from_secs(5), || {
+        d.log().contains(" ready on ")
+    });
     let log = d.log();
     let line = log
         .lines()

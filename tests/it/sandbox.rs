@@ -376,6 +376,7 @@ fn secrets_are_readable_by_their_function_alone() {
 #[test]
 fn start_up_says_what_is_on_and_metrics_export_it() {
     let d = Daemon::start_unprivileged(&[]);
+    eventually(Duration::from_secs(5), || d.log().contains("sandbox: "));
     let log = d.log();
     let line = log
         .lines()
@@ -490,4 +491,101 @@ fn each_invocation_writes_only_its_own_folder_which_is_removed_after() {
             f.display()
         );
     }
+}
+
+const ESCAPES: &str = "\
+import errno, fcntl, os, platform, signal, socket\n\
+NR = {'x86_64': {'clone': 56}, 'aarch64': {'clone': 220}}.get(platform.machine(), {'clone': 120})\n\
+def attempt(label, f):\n    try:\n        f()\n        return label + ' DONE'\n    except OSError as e:\n        return label + ' ' + errno.errorcode.get(e.errno, str(e.errno))\n\
+def clone_parent():\n    libc = ctypes.CDLL(None, use_errno=True)\n    pid = libc.syscall(NR['clone'], 0x8000 | 17, None, None, None, None)\n    \
+if pid == 0:\n        os._exit(0)\n    if pid < 0:\n        raise OSError(ctypes.get_errno(), 'clone')\n\
+def uring():\n    libc = ctypes.CDLL(None, use_errno=True)\n    params = ctypes.create_string_buffer(120)\n    \
+fd = libc.syscall(425, 8, params)\n    if fd < 0:\n        raise OSError(ctypes.get_errno(), 'io_uring_setup')\n\
+def handle(req):\n    a = args()\n    daemon = int(a['daemon'])\n    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)\n    \
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)\n    out = [\n        \
+attempt('listen', lambda: (s.bind(('::1', int(a['port']))), s.listen())),\n        \
+attempt('acl', lambda: os.setxattr(a['victim'], 'system.posix_acl_access', b'\\x02\\x00\\x00\\x00')),\n        \
+attempt('xattr', lambda: os.setxattr(a['victim'], 'user.pwned', b'1')),\n        \
+attempt('clone_parent', clone_parent),\n        attempt('io_uring', uring),\n        \
+attempt('pidfd_send_signal', lambda: signal.pidfd_send_signal(os.open('/proc/%d' % daemon, os.O_DIRECTORY), signal.SIGSTOP)),\n        \
+attempt('f_setown', lambda: fcntl.fcntl(s.fileno(), fcntl.F_SETOWN, daemon)),\n    ]\n    \
+return '\\n'.join(out)\n";
+
+#[test]
+fn no_function_can_listen_rewrite_modes_or_leave_its_family() {
+    if !have("seccomp") {
+        return;
+    }
+    let d = Daemon::start_unprivileged(&[]);
+    d.upload("victim", "def handle(req):\n    return 'v1'\n");
+    d.upload("escaper", &format!("{PRELUDE}{ESCAPES}"));
+    let victim = d.dir.join("victim");
+    let out = probe(
+        &d,
+        "escaper",
+        &format!(
+            "daemon={}&port={}&victim={}",
+            d.pid(),
+            d.port,
+            victim.display()
+        ),
+    );
+    assert!(!out.contains("DONE"), "{out}");
+    assert_eq!(out.lines().count(), 7, "{out}");
+    assert_eq!(d.req("GET", "/victim", b"").text(), "v1\n");
+    // Nothing took the port on the other address family.
+    assert!(std::net::TcpStream::connect(("::1", d.port)).is_err());
+    still_serving(&d);
+}
+
+#[test]
+fn no_zygote_holds_another_functions_settings_in_its_memory() {
+    let d = Daemon::start_unprivileged(&[]);
+    // Installed (and checked), never invoked: its settings went to the base only as far as needed.
+    let r = d.req(
+        "PUT",
+        "/mgmt/payments?env=STRIPE_KEY%3Dsk_live_victim_only_42",
+        b"def handle(req):\n    return 'paid'\n",
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    // The spy looks for the secret in all of its writable memory at import (its
+    // zygote is a fork of the base), without copying memory and skipping its own needle.
+    d.upload(
+        "spy",
+        &format!(
+            "import ctypes, sys\nlibc = ctypes.CDLL(None)\nlibc.memmem.restype = ctypes.c_void_p\n\
+             libc.memmem.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]\n\
+             needle = bytes.fromhex('{hex}')\nown = id(needle) + sys.getsizeof(b'') - 1\nfound = []\n\
+             for line in open('/proc/self/maps'):\n    f = line.split()\n    if not f[1].startswith('rw'):\n        continue\n    \
+             lo, hi = (int(x, 16) for x in f[0].split('-'))\n    at = lo\n    while at < hi:\n        \
+             p = libc.memmem(at, hi - at, needle, len(needle))\n        if not p:\n            break\n        \
+             if p != own:\n                found.append(hex(p))\n        at = p + 1\n\
+             def handle(req):\n    return 'found %s' % found\n",
+            hex = "736b5f6c6976655f76696374696d5f6f6e6c79"
+        ),
+    );
+    assert_eq!(d.req("GET", "/spy", b"").text(), "found []\n");
+    assert_eq!(d.req("GET", "/payments", b"").text(), "paid\n");
+}
+
+#[test]
+fn concurrent_invocations_cannot_read_each_others_folders() {
+    if !have("landlock") {
+        return;
+    }
+    let d = Daemon::start_unprivileged(&[]);
+    d.upload(
+        "spool",
+        "import os, time\ndef handle(req):\n    t = os.environ['TMPDIR']\n    if req.startswith('victim'):\n        \
+         open(os.path.join(t, 'upload.bin'), 'w').write(req)\n        time.sleep(2)\n        return 'kept'\n    \
+         seen = []\n    parent = os.path.dirname(t)\n    try:\n        names = os.listdir(parent)\n    except OSError as e:\n        \
+         names = [n for n in ('x%d' % i for i in range(200))]\n    for n in names:\n        p = os.path.join(parent, n, 'upload.bin')\n        \
+         try:\n            seen.append(open(p).read())\n        except OSError:\n            pass\n    return 'seen %s' % seen\n",
+    );
+    let port = d.port;
+    let victim =
+        std::thread::spawn(move || http::request(port, "POST", "/spool", b"victim card=4111"));
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(d.req("POST", "/spool", b"snoop").text(), "seen []\n");
+    assert_eq!(victim.join().unwrap().text(), "kept\n");
 }
