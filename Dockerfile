@@ -1,10 +1,15 @@
 # syntax=docker/dockerfile:1
 # EdgeFaaS runtime image: the prebuilt static edgefaas binary on a small Python base.
-# Build it with `make image ARCH=arm|arm64|amd64`, which first builds
-# dist/linux-<arch>/edgefaas (docker's TARGETARCH names: arm, arm64, amd64).
-FROM python:3.12-alpine3.20
+# Build it with `make image ARCH=arm|armv6|arm64|amd64` (scripts/image), which first
+# builds dist/linux-<arch>/edgefaas. Any base with python3 works: the default
+# Alpine one, or a Debian one (BASE=...; CI makes one with debootstrap). Only
+# POSIX shell commands below, so busybox and Debian alike run them.
+ARG BASE=python:3.12-alpine3.20
+FROM ${BASE}
 
-ARG TARGETARCH
+# amd64, arm64, armv7 or armv6: which dist/ binary (passed by scripts/image; not
+# TARGETARCH, which some engines leave empty).
+ARG ARCH=amd64
 ARG VERSION=dev
 ARG REVISION=unknown
 
@@ -14,16 +19,23 @@ LABEL org.opencontainers.image.title="edgefaas" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.licenses="MIT"
 
-# Packages every function may import; a layer of its own so code changes do not redo it.
+# Packages every function may import (pip only when the list names any); the user
+# app (uid/gid 10001) written directly, as adduser's flags differ between bases.
 COPY python/requirements.txt /tmp/requirements.txt
-RUN pip install --no-cache-dir --disable-pip-version-check -r /tmp/requirements.txt \
-    && rm /tmp/requirements.txt \
-    && addgroup -S -g 10001 app \
-    && adduser -S -u 10001 -G app -h /home/app -s /sbin/nologin app \
-    && mkdir -p /home/app/function \
-    && chown app:app /home/app/function
+RUN set -eu; \
+    if grep -q '^[[:space:]]*[^#[:space:]]' /tmp/requirements.txt; then \
+      python3 -m pip --version >/dev/null 2>&1 \
+        || { echo "python/requirements.txt lists packages, but this base has no pip" >&2; exit 1; }; \
+      python3 -m pip install --no-cache-dir --disable-pip-version-check --break-system-packages \
+        -r /tmp/requirements.txt; \
+    fi; \
+    rm /tmp/requirements.txt; \
+    echo 'app:x:10001:10001:EdgeFaaS:/home/app:/sbin/nologin' >> /etc/passwd; \
+    echo 'app:x:10001:' >> /etc/group; \
+    mkdir -p /home/app/function; \
+    chown -R 10001:10001 /home/app
 
-COPY --chmod=0755 dist/linux-${TARGETARCH}/edgefaas /usr/local/bin/edgefaas
+COPY --chmod=0755 dist/linux-${ARCH}/edgefaas /usr/local/bin/edgefaas
 
 ENV EDGEFAAS_FUNCTIONS_DIR=/home/app/function \
     EDGEFAAS_PYTHON=python3 \
@@ -36,9 +48,9 @@ WORKDIR /home/app
 VOLUME ["/home/app/function"]
 EXPOSE 8080
 
-# busybox wget is in the base image; no curl needed.
+# The binary checks itself: no curl or wget needed in the image.
 HEALTHCHECK --interval=30s --timeout=3s --start-period=5s --retries=3 \
-    CMD ["sh", "-c", "wget -q -O /dev/null http://127.0.0.1:${EDGEFAAS_PORT}/_/health || exit 1"]
+    CMD ["/usr/local/bin/edgefaas", "healthcheck"]
 
 # edgefaas reaps and kills orphans itself (child subreaper), so it can run as PID 1.
 ENTRYPOINT ["/usr/local/bin/edgefaas"]

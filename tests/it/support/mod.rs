@@ -94,17 +94,17 @@ pub fn chown_tree(path: &Path, uid: u32) {
 }
 
 /// How to run the binary: EDGEFAAS_BIN (e.g. an ARM build) with an optional
-/// EDGEFAAS_BIN_RUNNER prefix (e.g. qemu-arm-static), else cargo's build.
+/// EDGEFAAS_BIN_RUNNER prefix, split at spaces (e.g. `qemu-arm-static -cpu
+/// arm1176`), else cargo's build.
 pub fn command() -> Command {
     let bin =
         std::env::var("EDGEFAAS_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_edgefaas").into());
-    match std::env::var("EDGEFAAS_BIN_RUNNER")
-        .ok()
-        .filter(|r| !r.is_empty())
-    {
-        Some(runner) => {
-            let mut c = Command::new(runner);
-            c.arg(bin);
+    let runner = std::env::var("EDGEFAAS_BIN_RUNNER").unwrap_or_default();
+    let mut words = runner.split_whitespace();
+    match words.next() {
+        Some(program) => {
+            let mut c = Command::new(program);
+            c.args(words).arg(bin);
             c
         }
         None => Command::new(bin),
