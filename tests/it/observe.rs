@@ -219,25 +219,25 @@ fn every_5xx_the_daemon_makes_is_a_warning_naming_its_cause() {
     for _ in 0..3 {
         assert_eq!(d.req("GET", "/_/health", b"").status, 200);
     }
-    let log = d.log();
-    let warned = |what: &str| {
+    // Access lines are written just after the answer: wait for the last one.
+    let download = format!("download of http://127.0.0.1:{port}/gone.py failed");
+    let warned = |log: &str, what: &str| {
         log.lines()
             .any(|l| l.contains("WARN") && l.contains("access") && l.contains(what))
     };
+    crate::support::eventually(std::time::Duration::from_secs(5), || {
+        warned(&d.log(), &download)
+    });
+    let log = d.log();
     assert!(
-        warned("/sleepy 504") && warned("timed out after 0.5s"),
+        warned(&log, "/sleepy 504") && warned(&log, "timed out after 0.5s"),
         "{log}"
     );
     assert!(
-        warned("/broken 500") && warned("ValueError: no such sensor"),
+        warned(&log, "/broken 500") && warned(&log, "ValueError: no such sensor"),
         "{log}"
     );
-    assert!(
-        warned(&format!(
-            "download of http://127.0.0.1:{port}/gone.py failed"
-        )),
-        "{log}"
-    );
+    assert!(warned(&log, &download), "{log}");
     assert!(!log.contains("hunter2"), "credentials in the log:\n{log}");
     // Probes are not worth a line at info.
     assert!(!log.contains("/_/health 200"), "{log}");
