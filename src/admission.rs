@@ -137,6 +137,15 @@ impl Lane {
         Submitted::Later
     }
 
+    /// Like `submit`, but a job that may run now is handed to a worker (woken)
+    /// instead of the caller: for events, whose threads must not run functions.
+    pub fn submit_detached(self: &Arc<Self>, job: Box<dyn Job>) {
+        if let Submitted::Run(admitted) = self.submit(job) {
+            self.lock().ready.push_back(admitted);
+            (self.wake)();
+        }
+    }
+
     /// An admitted job that no thread runs yet.
     pub fn next_ready(&self) -> Option<Admitted> {
         self.lock().ready.pop_front()

@@ -24,6 +24,10 @@ pub struct App {
     pub procs: Arc<Processes>,
     pub lanes: Lanes,
     pub metrics: Metrics,
+    /// Each function's recent stderr and failures.
+    pub logs: Arc<crate::logs::Logs>,
+    /// Async calls waiting on disk.
+    pub asyncq: crate::asyncq::AsyncQueue,
     /// What the interpreter said about itself at start-up.
     pub interpreter: Interpreter,
     /// The server, once listening: admitting a job from outside the workers wakes one.
@@ -81,6 +85,7 @@ impl App {
             }
         }
         let procs = Arc::new(Processes::default());
+        let logs = Arc::new(crate::logs::Logs::default());
         let invoker = Invoker::new(
             Settings {
                 python: config.python.clone(),
@@ -94,8 +99,16 @@ impl App {
             },
             Arc::new(sandbox),
             procs.clone(),
+            logs.clone(),
         )
         .map_err(|e| format!("cannot start the invoker: {e}"))?;
+        let asyncq = crate::asyncq::AsyncQueue::open(
+            store.dir(),
+            config.async_queue,
+            config.max_inflight,
+            config.fetch_timeout,
+        )
+        .map_err(|e| format!("cannot open the async queue: {e}"))?;
         let server: Arc<OnceLock<Arc<tiny_http::Server>>> = Arc::default();
         let waker = |server: &Arc<OnceLock<Arc<tiny_http::Server>>>| {
             let server = server.clone();
@@ -124,6 +137,8 @@ impl App {
             lanes,
             server,
             metrics: Metrics::default(),
+            logs,
+            asyncq,
             interpreter,
             draining: AtomicBool::new(false),
             store,
@@ -166,6 +181,7 @@ impl App {
     pub fn delete(&self, name: &FunctionName) -> Result<()> {
         self.store.delete(name)?;
         self.invoker.forget(name);
+        self.logs.forget(name.as_str());
         self.metrics.deleted();
         Ok(())
     }
@@ -181,12 +197,15 @@ impl App {
             zygotes: self.invoker.warm(),
             sandbox: self.invoker.sandbox().features(),
             landlock_abi: self.invoker.sandbox().landlock,
+            async_depth: self.asyncq.depth(),
+            mqtt: None,
         })
     }
 
     /// Starts refusing new work: waiting invocations and changes get 503.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
+        self.asyncq.stop();
         self.lanes.invoke.close();
         self.lanes.install.close();
     }

@@ -59,6 +59,10 @@ pub struct Config {
     pub sandbox: crate::sandbox::Level,
     /// Per-function secret folders, `<dir>/<name>/` (`EDGEFAAS_SECRETS_DIR`).
     pub secrets_dir: Option<PathBuf>,
+    /// The zone schedules are read in (`EDGEFAAS_TZ`); `None`: the node's.
+    pub tz: Option<String>,
+    /// Async calls queued at most; more get 429 (`EDGEFAAS_ASYNC_QUEUE`).
+    pub async_queue: usize,
     /// How long SIGTERM waits for in-flight invocations (`EDGEFAAS_SHUTDOWN_GRACE`).
     pub shutdown_grace: Duration,
     /// Fork from a warm zygote, or exec a new Python per request (`EDGEFAAS_MODE`).
@@ -107,6 +111,8 @@ impl Default for Config {
             sandbox: crate::sandbox::Level::BestEffort,
             secrets_dir: None,
             shutdown_grace: Duration::from_secs(10),
+            async_queue: 256,
+            tz: None,
             mode: Mode::Fork,
             idle_timeout: Duration::from_secs(300),
             // A warm echo-sized function costs about 1 MB; real ones with imports more.
@@ -192,6 +198,8 @@ impl Config {
                 .filter(|s| !s.is_empty())
                 .map(PathBuf::from),
             shutdown_grace: seconds(&get, "EDGEFAAS_SHUTDOWN_GRACE", d.shutdown_grace)?,
+            async_queue: parse(&get, "EDGEFAAS_ASYNC_QUEUE", d.async_queue, positive)?,
+            tz: get("EDGEFAAS_TZ").filter(|s| !s.is_empty()),
             mode: parse(&get, "EDGEFAAS_MODE", d.mode, any)?,
             idle_timeout: seconds(&get, "EDGEFAAS_IDLE_TIMEOUT", d.idle_timeout)?,
             max_warm: parse(&get, "EDGEFAAS_MAX_WARM", d.max_warm, positive)?,
@@ -519,6 +527,18 @@ pub const VARS: &[Var] = &[
         default: "`30`",
         expected: "a number of seconds from 0.001 to 604800",
         help: "seconds a request head may take from its first byte, and an idle keep-alive connection lives; bodies and answers get this plus their length at 16 KiB/s",
+    },
+    Var {
+        name: "EDGEFAAS_ASYNC_QUEUE",
+        default: "`256`",
+        expected: "a whole number greater than 0",
+        help: "async calls (`POST /async/<name>`) kept on disk at most; past it 429",
+    },
+    Var {
+        name: "EDGEFAAS_TZ",
+        default: "the node's (`/etc/localtime`)",
+        expected: "any text",
+        help: "time zone of `schedule` settings: a zoneinfo name (`Europe/Berlin`) or a POSIX TZ rule",
     },
     Var {
         name: "EDGEFAAS_LOG_TIMESTAMPS",

@@ -33,6 +33,8 @@ pub enum Error {
     TooLarge(String),
     /// The admission queue is full, or the wait for a slot ran out.
     Busy(crate::admission::Refused),
+    /// The async queue holds as many calls as it may (429).
+    QueueFull(usize),
     /// The daemon ran out of threads, processes, descriptors or memory for this request.
     Unavailable(String),
     /// Installed code that would not serve: it does not import, or has no `handle`.
@@ -61,7 +63,7 @@ impl Error {
             Error::Managed(_) => 409,
             Error::TooLarge(_) => 413,
             Error::Unprocessable(_) => 422,
-            Error::Busy(_) => 429,
+            Error::Busy(_) | Error::QueueFull(_) => 429,
             Error::Failed { .. } | Error::Io(_) => 500,
             Error::Fetch { .. } => 502,
             Error::ShuttingDown | Error::Unavailable(_) => 503,
@@ -116,6 +118,10 @@ impl fmt::Display for Error {
             Error::Busy(_) => write!(
                 f,
                 "too many invocations waiting (EDGEFAAS_MAX_QUEUE), try again later"
+            ),
+            Error::QueueFull(n) => write!(
+                f,
+                "the async queue holds {n} calls (EDGEFAAS_ASYNC_QUEUE), try again later"
             ),
             Error::Unavailable(why) => write!(f, "server busy: {why}; try again later"),
             Error::Failed { name, reason } => write!(f, "function '{name}' failed: {reason}"),

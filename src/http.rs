@@ -42,7 +42,9 @@ impl Answer {
         }
         match e {
             Error::Method(allowed) => a.headers.push(("Allow".into(), (*allowed).into())),
-            Error::Busy(_) => a.headers.push(("Retry-After".into(), "1".into())),
+            Error::Busy(_) | Error::QueueFull(_) => {
+                a.headers.push(("Retry-After".into(), "1".into()))
+            }
             _ => {}
         }
         a

@@ -5,17 +5,21 @@
 
 mod admission;
 mod app;
+mod asyncq;
 mod config;
 mod error;
+mod events;
 mod fetch;
 mod http;
 mod invoke;
+mod logs;
 mod metrics;
 mod mgmt;
 mod name;
 mod process;
 mod router;
 mod sandbox;
+mod schedule;
 mod server;
 mod settings;
 mod sourcedir;
@@ -107,6 +111,9 @@ fn run() -> Result<(), String> {
             .start(app.clone(), app.config.source_interval)
             .map_err(|e| format!("cannot start the source-dir sync: {e}"))?;
     }
+    asyncq::AsyncQueue::start(&app).map_err(|e| format!("cannot start the async queue: {e}"))?;
+    let tz = schedule::zone(app.config.tz.as_deref())?;
+    schedule::start(app.clone(), tz).map_err(|e| format!("cannot start the scheduler: {e}"))?;
     process::start_sweeper(app.procs.clone())
         .map_err(|e| format!("cannot start the process sweeper: {e}"))?;
     let server =

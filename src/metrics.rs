@@ -26,7 +26,54 @@ pub struct Metrics {
     refused: [std::sync::atomic::AtomicU64; 2],
     deletes: std::sync::atomic::AtomicU64,
     download_bytes: std::sync::atomic::AtomicU64,
+    /// Event counters: (metric, function) -> count; function "" for node-wide ones.
+    events: std::sync::Mutex<std::collections::BTreeMap<(&'static str, String), u64>>,
 }
+
+/// The event counters and their help, in the order they are rendered.
+const EVENT_COUNTERS: &[(&str, &str)] = &[
+    (
+        "edgefaas_mqtt_messages_received_total",
+        "MQTT messages that invoked a function.",
+    ),
+    (
+        "edgefaas_mqtt_messages_acked_total",
+        "MQTT messages acknowledged after the function succeeded (or was dead-lettered).",
+    ),
+    (
+        "edgefaas_mqtt_messages_retried_total",
+        "MQTT messages run again after a failure.",
+    ),
+    (
+        "edgefaas_mqtt_messages_dead_lettered_total",
+        "MQTT messages published to the dead-letter topic after their retries.",
+    ),
+    (
+        "edgefaas_mqtt_publishes_total",
+        "Replies and dead letters published to the broker.",
+    ),
+    (
+        "edgefaas_mqtt_spool_dropped_total",
+        "Spooled publishes dropped (the oldest) past the spool's bound.",
+    ),
+    (
+        "edgefaas_mqtt_connects_total",
+        "Sessions opened with the broker.",
+    ),
+    ("edgefaas_schedule_runs_total", "Scheduled runs started."),
+    (
+        "edgefaas_schedule_skips_total",
+        "Scheduled runs skipped because the previous one was still going.",
+    ),
+    (
+        "edgefaas_async_calls_total",
+        "Async calls run to an answer.",
+    ),
+    (
+        "edgefaas_async_callback_failures_total",
+        "Async callbacks given up after their retries.",
+    ),
+];
 
 #[derive(Default)]
 struct FunctionStats {
@@ -47,6 +94,10 @@ pub struct Gauges {
     /// Sandbox features on (1) or off (0), and the Landlock ABI in use.
     pub sandbox: Vec<(&'static str, bool)>,
     pub landlock_abi: i32,
+    /// Async calls queued or running.
+    pub async_depth: usize,
+    /// MQTT: configured, connected, spooled publishes waiting.
+    pub mqtt: Option<(bool, usize)>,
 }
 
 impl Default for Metrics {
@@ -59,6 +110,7 @@ impl Default for Metrics {
             refused: Default::default(),
             deletes: Default::default(),
             download_bytes: Default::default(),
+            events: Default::default(),
         }
     }
 }
@@ -98,6 +150,27 @@ impl Metrics {
     /// Counts a delete.
     pub fn deleted(&self) {
         self.deletes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one event of `metric` (one of EVENT_COUNTERS) for `function` ("" for the node).
+    pub fn count(&self, metric: &'static str, function: &str) {
+        debug_assert!(EVENT_COUNTERS.iter().any(|(m, _)| *m == metric), "{metric}");
+        *self
+            .events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((metric, function.to_string()))
+            .or_insert(0) += 1;
+    }
+
+    /// Counts an async call's answer.
+    pub fn async_done(&self, function: &str, _status: u16) {
+        self.count("edgefaas_async_calls_total", function);
+    }
+
+    /// Counts an async callback given up.
+    pub fn callback_failed(&self) {
+        self.count("edgefaas_async_callback_failures_total", "");
     }
 
     /// Counts downloaded function bytes.
@@ -242,6 +315,40 @@ impl Metrics {
         let _ = writeln!(o, "edgefaas_landlock_abi {}", g.landlock_abi);
         head(
             &mut o,
+            "edgefaas_async_queue_depth",
+            "gauge",
+            "Async calls queued or running.",
+        );
+        let _ = writeln!(o, "edgefaas_async_queue_depth {}", g.async_depth);
+        if let Some((connected, spooled)) = g.mqtt {
+            head(
+                &mut o,
+                "edgefaas_mqtt_connected",
+                "gauge",
+                "1 while the session with the broker is up.",
+            );
+            let _ = writeln!(o, "edgefaas_mqtt_connected {}", u8::from(connected));
+            head(
+                &mut o,
+                "edgefaas_mqtt_spool_depth",
+                "gauge",
+                "Publishes spooled on disk, waiting for the broker.",
+            );
+            let _ = writeln!(o, "edgefaas_mqtt_spool_depth {spooled}");
+        }
+        let events = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        for (metric, help) in EVENT_COUNTERS {
+            head(&mut o, metric, "counter", help);
+            for ((m, function), n) in events.iter().filter(|((m, _), _)| m == metric) {
+                if function.is_empty() {
+                    let _ = writeln!(o, "{m} {n}");
+                } else {
+                    let _ = writeln!(o, "{m}{{function=\"{function}\"}} {n}");
+                }
+            }
+        }
+        head(
+            &mut o,
             "edgefaas_installs_total",
             "counter",
             "Functions installed or updated, by source.",
@@ -344,6 +451,8 @@ mod tests {
             zygotes: 0,
             sandbox: vec![("seccomp", true)],
             landlock_abi: 6,
+            async_depth: 0,
+            mqtt: None,
         });
         assert!(text.contains("edgefaas_invocations_total{function=\"f\",status=\"2xx\"} 1\n"));
         assert!(text.contains("edgefaas_invocations_total{function=\"f\",status=\"5xx\"} 1\n"));

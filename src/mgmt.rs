@@ -19,6 +19,12 @@ pub fn route(app: &App, req: &Request, rest: &str) -> Result<Option<Answer>> {
     if app.draining() {
         return Err(Error::ShuttingDown);
     }
+    if let Some(name) = rest.strip_suffix("/logs").filter(|n| n.len() > 1) {
+        return match req.method() {
+            Method::Get | Method::Head => logs(app, &path_name(name), req.url()).map(Some),
+            _ => Err(Error::Method("GET")),
+        };
+    }
     match (rest, req.method()) {
         ("/", Method::Get | Method::Head) => list(app, wants_json(req)).map(Some),
         ("/", Method::Post | Method::Delete) => Ok(None),
@@ -128,6 +134,50 @@ fn list(app: &App, json: bool) -> Result<Answer> {
             .collect::<String>()
             .into_bytes();
     }
+    Ok(answer)
+}
+
+/// `GET /mgmt/<name>/logs[?since=<RFC 3339 or unix seconds>&lines=<n>]`: the
+/// function's recent stderr lines and failures, newest last, one a line with its time.
+fn logs(app: &App, name: &str, url: &str) -> Result<Answer> {
+    let name = FunctionName::parse(name)?;
+    app.store.handler(&name)?;
+    let query = Target::parse(url)?.query;
+    let (mut since_ms, mut lines) = (0u64, 100usize);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_encoding::percent_decode_str(v).decode_utf8_lossy();
+        match k {
+            "since" => {
+                since_ms = crate::store::parse_time_ms(&v).ok_or_else(|| {
+                    Error::BadRequest(format!(
+                        "since: expected an RFC 3339 UTC time or unix seconds, got {:?}",
+                        v.chars().take(60).collect::<String>()
+                    ))
+                })?
+            }
+            "lines" => {
+                lines = v.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    Error::BadRequest("lines: expected a whole number greater than 0".into())
+                })?
+            }
+            other => {
+                return Err(Error::BadRequest(format!(
+                    "unknown parameter {:?}: use since or lines",
+                    other.chars().take(40).collect::<String>()
+                )));
+            }
+        }
+    }
+    let mut body = String::new();
+    for l in app.logs.read(name.as_str(), since_ms, lines) {
+        body.push_str(&crate::store::rfc3339_ms(l.at_ms));
+        body.push(' ');
+        body.push_str(&l.text);
+        body.push('\n');
+    }
+    let mut answer = Answer::text(200, "");
+    answer.body = body.into_bytes();
     Ok(answer)
 }
 

@@ -19,10 +19,11 @@ impl FunctionName {
                 shown()
             )));
         }
-        if s == "mgmt" {
-            return Err(Error::BadName(
-                "invalid function name \"mgmt\": it is reserved".into(),
-            ));
+        if matches!(s, "mgmt" | "async" | "async-function") {
+            return Err(Error::BadName(format!(
+                "invalid function name {}: it is reserved",
+                shown()
+            )));
         }
         let mut chars = s.chars();
         let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
@@ -99,7 +100,7 @@ mod tests {
                 proptest::prop_assert!(n.len() <= 64 && !n.is_empty());
                 proptest::prop_assert!(n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'));
                 proptest::prop_assert!(n.as_bytes()[0].is_ascii_alphanumeric());
-                proptest::prop_assert!(n != "mgmt");
+                proptest::prop_assert!(n != "mgmt" && n != "async" && n != "async-function");
             }
         }
     }

@@ -22,6 +22,8 @@ pub enum Route {
     Invoke(FunctionName),
     /// A change under `/mgmt` (install, update, delete), which waits for an install slot.
     Change,
+    /// `POST /async/<name>`: queued on disk, answered 202 at once.
+    Async(FunctionName),
 }
 
 /// Decides what a request needs; answers what needs no slot.
@@ -44,6 +46,22 @@ pub fn route(app: &App, req: &Request) -> Result<Route> {
             Some(answer) => Route::Answer(answer),
             None => Route::Change,
         }),
+        ("async" | "async-function", rest) => {
+            let first = rest
+                .trim_start_matches('/')
+                .split(['/', '?'])
+                .next()
+                .unwrap_or("");
+            let name = FunctionName::parse(first)?;
+            app.store.handler(&name)?;
+            if app.draining() {
+                return Err(Error::ShuttingDown);
+            }
+            if *req.method() != tiny_http::Method::Post {
+                return Err(Error::Method("POST"));
+            }
+            Ok(Route::Async(name))
+        }
         ("", _) => Err(Error::NoRoute(
             "/ (name a function: /<name>; GET /mgmt lists them)".into(),
         )),
@@ -72,6 +90,10 @@ pub fn invoke(app: &App, req: &mut Request, name: &FunctionName, started: Instan
     let result = run(app, req, name);
     let counted = !matches!(result, Err(Error::NotFound(_)));
     let mut answer = result.unwrap_or_else(|e| Answer::error(&e));
+    if let (true, Some(cause)) = (counted, &answer.cause) {
+        app.logs
+            .push(name.as_str(), &format!("{} {cause}", answer.status));
+    }
     let secs = started.elapsed().as_secs_f64();
     if counted {
         app.metrics.invoked(name.as_str(), answer.status, secs);
@@ -96,6 +118,29 @@ fn run(app: &App, req: &mut Request, name: &FunctionName) -> Result<Answer> {
         env,
         settings: app.store.settings(name),
     })
+}
+
+/// Queues an async call (`POST /async/<name>[/<more>][?<query>]`): 202 and `X-Call-Id`.
+pub fn accept_async(app: &App, req: &mut Request, name: &FunctionName) -> Answer {
+    let url = req.url().to_string();
+    let result = (|| -> Result<String> {
+        // The function sees the path after its name, as an invocation would.
+        let after = url.splitn(3, '/').nth(2).unwrap_or("");
+        let inner = format!("/{after}");
+        let target = Target::parse(&inner)?;
+        let body = req.take_body();
+        let env = http_env(req, &target, body.len());
+        let callback = req
+            .headers()
+            .iter()
+            .find(|h| h.field.equiv("X-Callback-Url"))
+            .map(|h| h.value.as_str().trim().to_string());
+        app.asyncq.accept(name, &body, env, callback)
+    })();
+    match result {
+        Ok(id) => Answer::text(202, format!("call {id} queued")).with_header("X-Call-Id", id),
+        Err(e) => Answer::error(&e),
+    }
 }
 
 /// The OpenFaaS classic-watchdog variables: `Http_Method`, `Http_Path`,

@@ -155,6 +155,11 @@ fn dispatch(app: &Arc<App>, req: Request) {
     let started = Instant::now();
     let (lane, job) = match router::route(app, &req) {
         Ok(Route::Answer(answer)) => return http::send(req, answer, started),
+        Ok(Route::Async(name)) => {
+            let mut req = req;
+            let answer = router::accept_async(app, &mut req, &name);
+            return http::send(req, answer, started);
+        }
         Err(e) => return http::send(req, Answer::error(&e), started),
         Ok(Route::Invoke(name)) => (
             &app.lanes.invoke,

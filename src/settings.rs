@@ -132,9 +132,13 @@ fn change(key: &str, value: &str) -> Result<Change> {
         "schedule" => Change::Schedule(if empty {
             None
         } else {
-            if value.split_whitespace().count() != 5 {
-                return Err(bad(key, "a 5-field cron expression", value));
-            }
+            crate::schedule::parse(value).map_err(|_| {
+                bad(
+                    key,
+                    "a 5-field cron expression (or 6, seconds first)",
+                    value,
+                )
+            })?;
             Some(value.split_whitespace().collect::<Vec<_>>().join(" "))
         }),
         other => {

@@ -385,6 +385,43 @@ pub fn rfc3339(secs: u64) -> String {
     )
 }
 
+/// Milliseconds since the epoch as RFC 3339 UTC with milliseconds.
+pub fn rfc3339_ms(ms: u64) -> String {
+    let secs = rfc3339(ms / 1000);
+    format!("{}.{:03}Z", secs.trim_end_matches('Z'), ms % 1000)
+}
+
+/// Days since the epoch of a civil date (Howard Hinnant's days_from_civil).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// `2026-11-30T01:02:03Z` (fraction optional) or unix seconds, as milliseconds.
+pub fn parse_time_ms(s: &str) -> Option<u64> {
+    if let Ok(secs) = s.parse::<u64>() {
+        return secs.checked_mul(1000);
+    }
+    let s = s.strip_suffix('Z')?;
+    let (date, time) = s.split_once('T')?;
+    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
+    let (y, mo, day) = (d.next()??, d.next()??, d.next()??);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
+    let mut t = hms.split(':').map(|p| p.parse::<i64>().ok());
+    let (h, mi, sec) = (t.next()??, t.next()??, t.next()??);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&day) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    let ms: i64 = format!("{:0<3}", &frac[..frac.len().min(3)]).parse().ok()?;
+    let secs = days_from_civil(y, mo, day) * 86_400 + h * 3600 + mi * 60 + sec;
+    u64::try_from(secs * 1000 + ms).ok()
+}
+
 /// Lowercase hex sha256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
@@ -404,6 +441,24 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_parse_back() {
+        assert_eq!(parse_time_ms("0"), Some(0));
+        assert_eq!(parse_time_ms("1764464523"), Some(1_764_464_523_000));
+        let ms = 1_764_464_523_456;
+        assert_eq!(parse_time_ms(&rfc3339_ms(ms)), Some(ms));
+        assert_eq!(
+            parse_time_ms(&rfc3339(1_795_998_123)),
+            Some(1_795_998_123_000)
+        );
+        assert_eq!(
+            parse_time_ms("2026-11-30T01:02:03.5Z").map(|m| m % 1000),
+            Some(500)
+        );
+        assert_eq!(parse_time_ms("yesterday"), None);
+        assert_eq!(parse_time_ms("2026-13-01T00:00:00Z"), None);
+    }
 
     #[test]
     fn rfc3339_matches_known_instants() {

@@ -66,6 +66,8 @@ pub struct Settings {
 /// Starts function processes with fixed limits.
 pub struct Invoker {
     settings: Settings,
+    /// Each function's recent stderr, for `GET /mgmt/<name>/logs`.
+    logs: Arc<crate::logs::Logs>,
     sandbox: Arc<Sandbox>,
     procs: Arc<Processes>,
     forks: Arc<Forks>,
@@ -80,6 +82,7 @@ impl Invoker {
         settings: Settings,
         sandbox: Arc<Sandbox>,
         procs: Arc<Processes>,
+        logs: Arc<crate::logs::Logs>,
     ) -> std::io::Result<Invoker> {
         private_dir(&sandbox.tmp_root)?;
         let forks = Arc::new(Forks::new(
@@ -100,6 +103,7 @@ impl Invoker {
         let reaper = Reaper::start(procs.clone())?;
         Ok(Invoker {
             settings,
+            logs,
             sandbox,
             procs,
             forks,
@@ -448,6 +452,10 @@ impl Invoker {
             reason,
         };
         log_stderr(name, &outcome);
+        if !outcome.stderr.is_empty() {
+            self.logs
+                .push(name.as_str(), &String::from_utf8_lossy(&outcome.stderr));
+        }
         match outcome.stop {
             Stop::TimedOut => {
                 return Err(Error::Timeout {

@@ -11,6 +11,7 @@ mod support;
 
 mod abuse;
 mod engine;
+mod events;
 mod faults;
 mod front;
 mod hostile;

@@ -1,0 +1,334 @@
+//! Async calls: `POST /async/<name>` (and OpenFaaS's `/async-function/<name>`)
+//! answers 202 with `X-Call-Id` at once; the call is written to a bounded queue
+//! on disk (`<functions dir>/.queue`, one file per call, written like the store
+//! writes: a temp file, fsync, rename, fsync of the folder), run when a slot is
+//! free, and its result POSTed to `X-Callback-Url` if given. A call's file goes
+//! only once it is done (and its callback tried), so a SIGKILL leaves every
+//! accepted call queued or done; one cut off mid-run runs again (at least once).
+
+use std::collections::VecDeque;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+use serde::{Deserialize, Serialize};
+
+use crate::admission::Refused;
+use crate::app::App;
+use crate::error::{Error, Result};
+use crate::events::{self, Event};
+use crate::http::Answer;
+use crate::name::FunctionName;
+
+/// Callback attempts (1 s, then 2 s, then 4 s apart).
+const CALLBACK_TRIES: u32 = 4;
+
+/// A queued call's header line (the body follows it in the file).
+#[derive(Serialize, Deserialize)]
+struct Header {
+    id: String,
+    name: String,
+    callback: Option<String>,
+    env: Vec<(String, String)>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Calls waiting to run, oldest first.
+    pending: VecDeque<PathBuf>,
+    /// Calls running or calling back.
+    running: usize,
+    stopped: bool,
+}
+
+/// The queue and its two threads (dispatch, and finishing: callbacks and removal).
+pub struct AsyncQueue {
+    dir: PathBuf,
+    max_calls: usize,
+    max_running: usize,
+    state: Mutex<State>,
+    wake: Condvar,
+    serial: AtomicU64,
+    agent: ureq::Agent,
+}
+
+impl AsyncQueue {
+    /// Opens (or makes) the queue folder, drops half-written calls, queues the rest in order.
+    pub fn open(
+        functions_dir: &Path,
+        max_calls: usize,
+        max_running: usize,
+        timeout: Duration,
+    ) -> std::io::Result<AsyncQueue> {
+        let dir = functions_dir.join(".queue");
+        fs::create_dir_all(&dir)?;
+        let mut calls = Vec::new();
+        for e in fs::read_dir(&dir)?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".call") {
+                calls.push(name);
+            } else {
+                // A temp file of a call that was never accepted (its 202 was never sent).
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        calls.sort();
+        let serial = calls
+            .last()
+            .and_then(|n| n.split('-').next()?.parse::<u64>().ok())
+            .map_or(0, |n| n + 1);
+        if !calls.is_empty() {
+            info!("{} async calls queued from before the restart", calls.len());
+        }
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(timeout))
+            .max_redirects(0)
+            .http_status_as_error(false)
+            .user_agent(concat!("edgefaas/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .into();
+        Ok(AsyncQueue {
+            state: Mutex::new(State {
+                pending: calls.into_iter().map(|n| dir.join(n)).collect(),
+                ..State::default()
+            }),
+            dir,
+            max_calls,
+            max_running: max_running.max(1),
+            wake: Condvar::new(),
+            serial: AtomicU64::new(serial),
+            agent,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Calls queued or running.
+    pub fn depth(&self) -> usize {
+        let s = self.lock();
+        s.pending.len() + s.running
+    }
+
+    /// Writes a call to the queue; its id. A full queue is 429; a bad callback URL 400.
+    pub fn accept(
+        &self,
+        name: &FunctionName,
+        body: &[u8],
+        env: Vec<(String, String)>,
+        callback: Option<String>,
+    ) -> Result<String> {
+        if let Some(url) = &callback {
+            let ok = (url.starts_with("http://") || url.starts_with("https://"))
+                && url.parse::<ureq::http::Uri>().is_ok()
+                && !url.chars().any(|c| c.is_whitespace() || c.is_control());
+            if !ok {
+                return Err(Error::BadRequest(format!(
+                    "X-Callback-Url must be an http or https URL, got {:?}",
+                    url.chars().take(200).collect::<String>()
+                )));
+            }
+        }
+        if self.depth() >= self.max_calls {
+            return Err(Error::QueueFull(self.max_calls));
+        }
+        let id = call_id();
+        let header = Header {
+            id: id.clone(),
+            name: name.to_string(),
+            callback,
+            env,
+        };
+        let mut bytes = serde_json::to_vec(&header).map_err(std::io::Error::other)?;
+        bytes.push(b'\n');
+        bytes.extend_from_slice(body);
+        let serial = self.serial.fetch_add(1, Ordering::Relaxed);
+        let path = self.dir.join(format!("{serial:020}-{id}.call"));
+        let tmp = self.dir.join(format!(".{id}.tmp"));
+        let written = (|| -> std::io::Result<()> {
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)?;
+            fs::File::open(&self.dir)?.sync_all()
+        })();
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(e.into());
+        }
+        self.lock().pending.push_back(path);
+        self.wake.notify_all();
+        Ok(id)
+    }
+
+    /// Stops starting calls (shutdown); the queued ones stay on disk for the next start.
+    pub fn stop(&self) {
+        self.lock().stopped = true;
+        self.wake.notify_all();
+    }
+
+    /// Starts the dispatcher and the finisher.
+    pub fn start(app: &Arc<App>) -> std::io::Result<()> {
+        let (done_tx, done_rx) =
+            mpsc::channel::<(PathBuf, Header, std::result::Result<Answer, Refused>)>();
+        let dispatch_app = app.clone();
+        std::thread::Builder::new()
+            .name("async-dispatch".into())
+            .spawn(move || dispatch(&dispatch_app, &done_tx))?;
+        let finish_app = app.clone();
+        std::thread::Builder::new()
+            .name("async-finish".into())
+            .spawn(move || {
+                for (path, header, result) in done_rx {
+                    finish(&finish_app, path, header, result);
+                }
+            })?;
+        Ok(())
+    }
+}
+
+/// Takes the oldest call when fewer than `max_running` run, and submits it.
+fn dispatch(
+    app: &Arc<App>,
+    done: &mpsc::Sender<(PathBuf, Header, std::result::Result<Answer, Refused>)>,
+) {
+    let q = &app.asyncq;
+    loop {
+        let path = {
+            let mut s = q.lock();
+            loop {
+                if s.stopped {
+                    return;
+                }
+                if s.running < q.max_running {
+                    if let Some(p) = s.pending.pop_front() {
+                        s.running += 1;
+                        break p;
+                    }
+                }
+                s = q.wake.wait(s).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        let read = fs::read(&path).ok().and_then(|bytes| {
+            let nl = bytes.iter().position(|&b| b == b'\n')?;
+            let header: Header = serde_json::from_slice(&bytes[..nl]).ok()?;
+            Some((header, bytes[nl + 1..].to_vec()))
+        });
+        let Some((header, body)) = read else {
+            warn!("dropping an unreadable async call {}", path.display());
+            let _ = fs::remove_file(&path);
+            q.lock().running -= 1;
+            continue;
+        };
+        let name = match FunctionName::parse(&header.name) {
+            Ok(n) => n,
+            Err(_) => {
+                let _ = fs::remove_file(&path);
+                q.lock().running -= 1;
+                continue;
+            }
+        };
+        let event = Event {
+            name,
+            body,
+            env: header.env.clone(),
+        };
+        let done = done.clone();
+        events::submit(
+            app,
+            event,
+            Box::new(move |result| {
+                let _ = done.send((path, header, result));
+            }),
+        );
+    }
+}
+
+/// After a call ran: its callback (retried with backoff), then its file goes.
+fn finish(
+    app: &Arc<App>,
+    path: PathBuf,
+    header: Header,
+    result: std::result::Result<Answer, Refused>,
+) {
+    let q = &app.asyncq;
+    let answer = match result {
+        Ok(a) => a,
+        Err(Refused::ShuttingDown) => {
+            // Stays on disk: the next start runs it.
+            q.lock().running -= 1;
+            return;
+        }
+        Err(why) => {
+            // No slot for now (the invocation queue was full): try again shortly.
+            let _ = why;
+            std::thread::sleep(Duration::from_millis(200));
+            let mut s = q.lock();
+            s.running -= 1;
+            s.pending.push_front(path);
+            drop(s);
+            q.wake.notify_all();
+            return;
+        }
+    };
+    app.metrics.async_done(&header.name, answer.status);
+    if let Some(url) = &header.callback {
+        let mut delay = Duration::from_secs(1);
+        for attempt in 1..=CALLBACK_TRIES {
+            let started = Instant::now();
+            let content_type = answer
+                .headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+                .map_or("text/plain; charset=utf-8", |(_, v)| v.as_str());
+            let sent = q
+                .agent
+                .post(url)
+                .header("X-Call-Id", &header.id)
+                .header("X-Function-Status", answer.status.to_string())
+                .header("X-Function-Name", &header.name)
+                .header("Content-Type", content_type)
+                .send(&answer.body[..]);
+            match sent {
+                Ok(r) if r.status().is_success() => break,
+                Ok(r) => warn!(
+                    "callback for async call {} to {url}: HTTP {} (attempt {attempt})",
+                    header.id,
+                    r.status().as_u16()
+                ),
+                Err(e) => warn!(
+                    "callback for async call {} to {url}: {e} (attempt {attempt})",
+                    header.id
+                ),
+            }
+            if attempt == CALLBACK_TRIES {
+                app.metrics.callback_failed();
+                break;
+            }
+            std::thread::sleep(delay.saturating_sub(started.elapsed().min(delay)));
+            delay *= 2;
+        }
+    }
+    let _ = fs::remove_file(&path);
+    q.lock().running -= 1;
+    q.wake.notify_all();
+}
+
+/// 16 random hex digits.
+fn call_id() -> String {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 8];
+    if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
+        bytes = (t ^ u64::from(std::process::id())).to_le_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
