@@ -11,7 +11,9 @@
 //! keep-alive clients (BENCH_CLIENTS), 2xx answers per second and non-2xx
 //! counts over BENCH_SECONDS each (default 10). Then, in fork mode: the first
 //! call after an install (median of 20 fresh functions), PSS per extra warm
-//! function, and CPU time per request by process.
+//! function, and CPU time per request by process. Then (engine `mqtt`, with
+//! /usr/sbin/mosquitto): MQTT round trips publish -> echo -> reply, p50/p99 and
+//! messages/s with 8 in flight, at QoS 0 and 1, to compare with HTTP's above.
 //!
 //! EDGEFAAS_BIN benches another build (e.g. the previous release, for a
 //! before/after in one sitting); EDGEFAAS_PYTHON, else /usr/bin/python3.
@@ -40,7 +42,7 @@ fn main() {
         .filter_map(|n| n.trim().parse().ok())
         .collect();
     let engines: Vec<String> = std::env::var("BENCH_ENGINES")
-        .unwrap_or_else(|_| "fork,fork-nosandbox,reuse,exec,ceiling".into())
+        .unwrap_or_else(|_| "fork,fork-nosandbox,reuse,exec,ceiling,mqtt".into())
         .split(',')
         .map(str::to_string)
         .collect();
@@ -53,7 +55,7 @@ fn main() {
     );
 
     let mut rows = Vec::new();
-    for engine in &engines {
+    for engine in engines.iter().filter(|e| *e != "mqtt") {
         // fork-nosandbox: the sandbox's cost; reuse: one warm child per function.
         let (server, path) = match engine.as_str() {
             "ceiling" => (Server::ceiling(&python), "/echo"),
@@ -119,6 +121,196 @@ fn main() {
     if engines.iter().any(|e| e == "fork") {
         println!();
         fork_extras(&bin, &python);
+    }
+    if engines.iter().any(|e| e == "mqtt") {
+        println!();
+        mqtt_round_trips(&bin, &python, requests, Duration::from_secs(seconds));
+    }
+}
+
+/// MQTT: publish -> echo -> reply received, through a mosquitto started here.
+/// Sequential round trips (p50/p99) and messages/s with 8 in flight, at QoS 0 and 1.
+fn mqtt_round_trips(bin: &Path, python: &str, requests: usize, span: Duration) {
+    if !Path::new("/usr/sbin/mosquitto").exists() {
+        println!("MQTT: skipped (no /usr/sbin/mosquitto)");
+        return;
+    }
+    let broker_port = free_port();
+    // set_tcp_nodelay: mosquitto's default leaves Nagle on, which holds a reply
+    // behind the PUBACK before it for a delayed ACK (40 ms) at QoS 1.
+    let conf = std::env::temp_dir().join(format!(
+        "edgefaas-bench-mosquitto-{}.conf",
+        std::process::id()
+    ));
+    std::fs::write(
+        &conf,
+        format!("listener {broker_port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"),
+    )
+    .unwrap();
+    let mut broker = Command::new("/usr/sbin/mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto");
+    let up = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", broker_port)).is_err() {
+        assert!(
+            up.elapsed() < Duration::from_secs(10),
+            "mosquitto did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let url = format!("mqtt://127.0.0.1:{broker_port}");
+    let d = Server::daemon(
+        bin,
+        python,
+        &[
+            ("EDGEFAAS_MODE", "fork"),
+            ("EDGEFAAS_MQTT_URL", &url),
+            ("EDGEFAAS_MQTT_CLIENT_ID", "bench"),
+        ],
+    );
+    d.put(
+        "/mgmt/mecho?topic=bench/in&reply=bench/out",
+        ECHO.as_bytes(),
+    );
+    println!("| MQTT (echo) | p50 | p99 | messages/s, 8 in flight |");
+    println!("| --- | --- | --- | --- |");
+    for qos in [0u8, 1] {
+        let mut c = mqtt_bench::Client::connect(broker_port, qos);
+        for _ in 0..20 {
+            c.round_trip();
+        }
+        let mut lat: Vec<Duration> = (0..requests).map(|_| c.round_trip()).collect();
+        lat.sort();
+        let rate = c.rate(8, span);
+        println!(
+            "| QoS {qos} | {:.2} ms | {:.2} ms | {rate:.0} |",
+            ms(pct(&lat, 50.0)),
+            ms(pct(&lat, 99.0))
+        );
+    }
+    drop(d);
+    let _ = broker.kill();
+    let _ = broker.wait();
+    let _ = std::fs::remove_file(&conf);
+}
+
+/// A minimal MQTT 5 client for the bench (the daemon's own codec).
+mod mqtt_bench {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+
+    use bytes::BytesMut;
+    use mqttbytes_ng::QoS;
+    use mqttbytes_ng::v5::{Connect, Filter, Packet, PubAck, Publish, Subscribe};
+
+    pub struct Client {
+        sock: TcpStream,
+        buf: BytesMut,
+        qos: QoS,
+        pkid: u16,
+    }
+
+    impl Client {
+        pub fn connect(port: u16, qos: u8) -> Client {
+            let sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            sock.set_nodelay(true).unwrap();
+            let qos = if qos == 0 {
+                QoS::AtMostOnce
+            } else {
+                QoS::AtLeastOnce
+            };
+            let mut c = Client {
+                sock,
+                buf: BytesMut::new(),
+                qos,
+                pkid: 0,
+            };
+            let connect = Connect {
+                keep_alive: 60,
+                client_id: format!("bench-client-{}", std::process::id()),
+                clean_start: true,
+                properties: None,
+            };
+            c.send(Packet::Connect(connect, None, None));
+            c.next();
+            let mut sub = Subscribe::new(Filter::new("bench/out", qos), None);
+            sub.pkid = 1;
+            c.send(Packet::Subscribe(sub));
+            while !matches!(c.next(), Packet::SubAck(_)) {}
+            c
+        }
+
+        fn send(&mut self, p: Packet) {
+            let mut out = BytesMut::new();
+            p.write(&mut out, None).unwrap();
+            self.sock.write_all(&out).unwrap();
+        }
+
+        fn next(&mut self) -> Packet {
+            loop {
+                match Packet::read(&mut self.buf, None) {
+                    Ok(p) => return p,
+                    Err(mqttbytes_ng::Error::InsufficientBytes(_)) => {
+                        let mut chunk = [0u8; 16 * 1024];
+                        let n = self.sock.read(&mut chunk).unwrap();
+                        assert!(n > 0, "the broker closed");
+                        self.buf.extend_from_slice(&chunk[..n]);
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+
+        fn publish(&mut self) {
+            let mut p = Publish::new("bench/in", self.qos, &b"hello"[..], None);
+            if self.qos == QoS::AtLeastOnce {
+                self.pkid = self.pkid % 60_000 + 2;
+                p.pkid = self.pkid;
+            }
+            self.send(Packet::Publish(p));
+        }
+
+        /// Waits for the next reply (acknowledging it at QoS 1).
+        fn reply(&mut self) {
+            loop {
+                if let Packet::Publish(p) = self.next() {
+                    if p.qos == QoS::AtLeastOnce {
+                        self.send(Packet::PubAck(PubAck::new(p.pkid, None)));
+                    }
+                    return;
+                }
+            }
+        }
+
+        pub fn round_trip(&mut self) -> Duration {
+            let t = Instant::now();
+            self.publish();
+            self.reply();
+            t.elapsed()
+        }
+
+        /// Replies per second with `window` messages in flight.
+        pub fn rate(&mut self, window: usize, span: Duration) -> f64 {
+            for _ in 0..window {
+                self.publish();
+            }
+            let t = Instant::now();
+            let mut n = 0u64;
+            while t.elapsed() < span {
+                self.reply();
+                n += 1;
+                self.publish();
+            }
+            for _ in 0..window {
+                self.reply();
+            }
+            n as f64 / t.elapsed().as_secs_f64()
+        }
     }
 }
 

@@ -28,6 +28,8 @@ pub struct App {
     pub logs: Arc<crate::logs::Logs>,
     /// Async calls waiting on disk.
     pub asyncq: crate::asyncq::AsyncQueue,
+    /// The MQTT session, once started.
+    pub mqtt: OnceLock<Arc<crate::mqtt::Mqtt>>,
     /// What the interpreter said about itself at start-up.
     pub interpreter: Interpreter,
     /// The server, once listening: admitting a job from outside the workers wakes one.
@@ -139,6 +141,7 @@ impl App {
             metrics: Metrics::default(),
             logs,
             asyncq,
+            mqtt: OnceLock::new(),
             interpreter,
             draining: AtomicBool::new(false),
             store,
@@ -174,6 +177,9 @@ impl App {
             })?;
         self.invoker.forget(name);
         self.metrics.installed(kind);
+        if let Some(m) = self.mqtt.get() {
+            m.topics_changed(std::time::Duration::from_secs(2));
+        }
         Ok(outcome)
     }
 
@@ -182,6 +188,9 @@ impl App {
         self.store.delete(name)?;
         self.invoker.forget(name);
         self.logs.forget(name.as_str());
+        if let Some(m) = self.mqtt.get() {
+            m.topics_changed(std::time::Duration::from_secs(2));
+        }
         self.metrics.deleted();
         Ok(())
     }
@@ -198,7 +207,7 @@ impl App {
             sandbox: self.invoker.sandbox().features(),
             landlock_abi: self.invoker.sandbox().landlock,
             async_depth: self.asyncq.depth(),
-            mqtt: None,
+            mqtt: self.mqtt.get().map(|m| m.gauges()),
         })
     }
 

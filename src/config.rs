@@ -59,6 +59,8 @@ pub struct Config {
     pub sandbox: crate::sandbox::Level,
     /// Per-function secret folders, `<dir>/<name>/` (`EDGEFAAS_SECRETS_DIR`).
     pub secrets_dir: Option<PathBuf>,
+    /// The MQTT trigger (`EDGEFAAS_MQTT_*`), when `EDGEFAAS_MQTT_URL` is set.
+    pub mqtt: Option<crate::mqtt::Settings>,
     /// The zone schedules are read in (`EDGEFAAS_TZ`); `None`: the node's.
     pub tz: Option<String>,
     /// Async calls queued at most; more get 429 (`EDGEFAAS_ASYNC_QUEUE`).
@@ -113,6 +115,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(10),
             async_queue: 256,
             tz: None,
+            mqtt: None,
             mode: Mode::Fork,
             idle_timeout: Duration::from_secs(300),
             // A warm echo-sized function costs about 1 MB; real ones with imports more.
@@ -166,6 +169,7 @@ impl Config {
             e
         })?;
         let token = token(&get)?;
+        let mqtt = mqtt(&get)?;
         Ok(Config {
             bind: parse(&get, "EDGEFAAS_BIND", d.bind, any)?,
             port: parse(&get, "EDGEFAAS_PORT", d.port, any)?,
@@ -200,6 +204,7 @@ impl Config {
             shutdown_grace: seconds(&get, "EDGEFAAS_SHUTDOWN_GRACE", d.shutdown_grace)?,
             async_queue: parse(&get, "EDGEFAAS_ASYNC_QUEUE", d.async_queue, positive)?,
             tz: get("EDGEFAAS_TZ").filter(|s| !s.is_empty()),
+            mqtt,
             mode: parse(&get, "EDGEFAAS_MODE", d.mode, any)?,
             idle_timeout: seconds(&get, "EDGEFAAS_IDLE_TIMEOUT", d.idle_timeout)?,
             max_warm: parse(&get, "EDGEFAAS_MAX_WARM", d.max_warm, positive)?,
@@ -271,6 +276,54 @@ fn token(get: &impl Fn(&str) -> Option<String>) -> Result<Option<String>, Config
             Ok(Some(t.to_string()))
         }
     }
+}
+
+/// The MQTT settings, if `EDGEFAAS_MQTT_URL` is set.
+fn mqtt(
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<Option<crate::mqtt::Settings>, ConfigError> {
+    let Some(url) = get("EDGEFAAS_MQTT_URL").filter(|u| !u.is_empty()) else {
+        return Ok(None);
+    };
+    let err = |var: &'static str, value: String| ConfigError {
+        var,
+        value,
+        expected: expectation(var),
+    };
+    let endpoint =
+        crate::mqtt::Endpoint::parse(&url).map_err(|_| err("EDGEFAAS_MQTT_URL", url.clone()))?;
+    let password = match get("EDGEFAAS_MQTT_PASSWORD_FILE").filter(|f| !f.is_empty()) {
+        Some(file) => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| err("EDGEFAAS_MQTT_PASSWORD_FILE", format!("{file} ({e})")))?;
+            Some(text.trim_end_matches(['\n', '\r']).to_string())
+        }
+        None => None,
+    };
+    let ca = get("EDGEFAAS_MQTT_CA")
+        .filter(|c| !c.is_empty())
+        .map(PathBuf::from);
+    if let Some(ca) = &ca {
+        if !ca.is_file() {
+            return Err(err("EDGEFAAS_MQTT_CA", ca.display().to_string()));
+        }
+    }
+    let client_id = get("EDGEFAAS_MQTT_CLIENT_ID")
+        .filter(|c| !c.is_empty())
+        .unwrap_or_else(|| format!("edgefaas-{}", crate::mqtt::hostname()));
+    if client_id.len() > 128 || client_id.contains(['/', '+', '#']) {
+        return Err(err("EDGEFAAS_MQTT_CLIENT_ID", client_id));
+    }
+    Ok(Some(crate::mqtt::Settings {
+        endpoint,
+        ca,
+        username: get("EDGEFAAS_MQTT_USERNAME").filter(|u| !u.is_empty()),
+        password,
+        client_id,
+        spool_bytes: parse(get, "EDGEFAAS_MQTT_SPOOL", 16u64 << 20, positive)?,
+        retries: parse(get, "EDGEFAAS_MQTT_RETRIES", 3u32, |n| *n <= 10)?,
+        max_body: parse(get, "EDGEFAAS_MAX_BODY", 1024 * 1024, |_| true)?,
+    }))
 }
 
 /// Workers for `max_inflight` invocations: those, the install lane, and two
@@ -539,6 +592,48 @@ pub const VARS: &[Var] = &[
         default: "the node's (`/etc/localtime`)",
         expected: "any text",
         help: "time zone of `schedule` settings: a zoneinfo name (`Europe/Berlin`) or a POSIX TZ rule",
+    },
+    Var {
+        name: "EDGEFAAS_MQTT_URL",
+        default: "unset",
+        expected: "mqtt://host[:port] or mqtts://host[:port]",
+        help: "the MQTT broker (`mqtt://host:1883`, `mqtts://host:8883`); unset: no MQTT trigger",
+    },
+    Var {
+        name: "EDGEFAAS_MQTT_CA",
+        default: "the system's roots",
+        expected: "a readable PEM file",
+        help: "PEM file of the certificates that may sign an `mqtts://` broker's",
+    },
+    Var {
+        name: "EDGEFAAS_MQTT_USERNAME",
+        default: "unset",
+        expected: "any text",
+        help: "MQTT user name",
+    },
+    Var {
+        name: "EDGEFAAS_MQTT_PASSWORD_FILE",
+        default: "unset",
+        expected: "a readable file holding the password",
+        help: "a file holding the MQTT password (one trailing newline dropped)",
+    },
+    Var {
+        name: "EDGEFAAS_MQTT_CLIENT_ID",
+        default: "`edgefaas-<hostname>`",
+        expected: "up to 128 characters without /, + or #",
+        help: "the MQTT client id; the broker keeps this id's session (and its QoS 1 messages) while the node is away",
+    },
+    Var {
+        name: "EDGEFAAS_MQTT_SPOOL",
+        default: "`16777216`",
+        expected: "a whole number greater than 0",
+        help: "bytes of publishes kept on disk for the broker (`<functions dir>/.spool`); past it the oldest are dropped",
+    },
+    Var {
+        name: "EDGEFAAS_MQTT_RETRIES",
+        default: "`3`",
+        expected: "a whole number from 0 to 10",
+        help: "runs again of a function that failed on a message (after 1, 2, 4 ... s) before it is dead-lettered",
     },
     Var {
         name: "EDGEFAAS_LOG_TIMESTAMPS",

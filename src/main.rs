@@ -15,6 +15,7 @@ mod invoke;
 mod logs;
 mod metrics;
 mod mgmt;
+mod mqtt;
 mod name;
 mod process;
 mod router;
@@ -114,6 +115,10 @@ fn run() -> Result<(), String> {
     asyncq::AsyncQueue::start(&app).map_err(|e| format!("cannot start the async queue: {e}"))?;
     let tz = schedule::zone(app.config.tz.as_deref())?;
     schedule::start(app.clone(), tz).map_err(|e| format!("cannot start the scheduler: {e}"))?;
+    if let Some(settings) = app.config.mqtt.clone() {
+        let m = mqtt::Mqtt::start(app.clone(), settings).map_err(|e| format!("MQTT: {e}"))?;
+        let _ = app.mqtt.set(m);
+    }
     process::start_sweeper(app.procs.clone())
         .map_err(|e| format!("cannot start the process sweeper: {e}"))?;
     let server =
@@ -151,6 +156,9 @@ fn run() -> Result<(), String> {
         app.inflight(),
         app.config.shutdown_grace
     );
+    if let Some(m) = app.mqtt.get() {
+        m.stop();
+    }
     drain(&app);
     pool.stop(Duration::from_secs(2));
     app.invoker.stop_all();

@@ -18,6 +18,7 @@ mod hostile;
 mod invoke;
 mod lifecycle;
 mod mgmt;
+mod mqtt;
 mod observe;
 mod overload;
 mod proxy;

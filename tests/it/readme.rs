@@ -7,8 +7,9 @@
 //! Expected lines match exactly, except `...` (any lines) and the values of
 //! `Date:` and `X-Duration-Seconds:`.
 //!
-//! With EDGEFAAS_SESSION_PORT set, the session runs against a daemon already
-//! listening there (CI runs it against the container image this way).
+//! With EDGEFAAS_SESSION_PORT set, the curl session runs against a daemon
+//! already listening there (CI runs it against the container image this way).
+//! The "Events" walk-through runs the same way, with a mosquitto it starts.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
@@ -140,37 +141,60 @@ impl Shell {
     }
 }
 
-#[test]
-fn the_readme_curl_session_works_as_pasted() {
-    let steps = session("A curl session");
-    assert_eq!(
-        steps[0].command, "cargo run --release",
-        "the session starts the daemon"
+/// Runs the console block under `heading` as written (see the module's rules).
+/// A `cargo run --release` step (with `VAR=value` words before it) is the
+/// daemon, started here with those variables; ports 8080 (the daemon), 8000 and
+/// 1883 (servers the block starts) become free ports.
+fn run_session(heading: &str) {
+    let steps = session(heading);
+    assert!(
+        steps
+            .iter()
+            .any(|s| s.command.ends_with("cargo run --release")),
+        "the block starts the daemon"
     );
-    assert!(steps.len() > 10, "{steps:?}");
     let external = std::env::var("EDGEFAAS_SESSION_PORT").ok();
-    let daemon = external.is_none().then(|| Daemon::start(&[]));
-    let port = match (&external, &daemon) {
-        (Some(p), _) => p.clone(),
-        (None, Some(d)) => d.port.to_string(),
-        _ => unreachable!(),
-    };
     let files = free_port().to_string();
+    let broker = free_port().to_string();
+    let map = |cmd: &str, daemon: &str| {
+        cmd.replace("8080", daemon)
+            .replace("8000", &files)
+            .replace("1883", &broker)
+    };
+    let mut daemon: Option<Daemon> = None;
+    let mut port = external.clone().unwrap_or_default();
     let mut shell = Shell::start();
     let mut failures = Vec::new();
-    for (n, step) in steps.iter().enumerate().skip(1) {
-        let command = step.command.replace("8080", &port).replace("8000", &files);
+    for (n, step) in steps.iter().enumerate() {
+        if let Some(prefix) = step.command.strip_suffix("cargo run --release") {
+            if external.is_none() {
+                let env: Vec<(String, String)> = prefix
+                    .split_whitespace()
+                    .filter_map(|w| w.split_once('='))
+                    .map(|(k, v)| (k.to_string(), map(v, "")))
+                    .collect();
+                let env: Vec<(&str, &str)> =
+                    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                let d = Daemon::start(&env);
+                port = d.port.to_string();
+                daemon = Some(d);
+            }
+            continue;
+        }
+        let command = map(&step.command, &port);
         let actual = shell.run(&command, n);
         if command.trim_end().ends_with('&') {
-            let port: u16 = files.parse().unwrap();
-            assert!(
-                eventually(Duration::from_secs(15), || std::net::TcpStream::connect((
-                    "127.0.0.1",
-                    port
-                ))
-                .is_ok()),
-                "`{command}` never listened"
-            );
+            for p in [&files, &broker] {
+                if command.contains(p.as_str()) {
+                    let p: u16 = p.parse().unwrap();
+                    assert!(
+                        eventually(Duration::from_secs(15), || {
+                            std::net::TcpStream::connect(("127.0.0.1", p)).is_ok()
+                        }),
+                        "`{command}` never listened"
+                    );
+                }
+            }
         }
         if !matches(&step.expected, &actual) {
             failures.push(format!(
@@ -187,9 +211,32 @@ fn the_readme_curl_session_works_as_pasted() {
     }
     assert!(
         failures.is_empty(),
-        "the README session differs:\n{}\nstderr:\n{errors}",
-        failures.join("\n")
+        "the README's {heading:?} block differs:\n{}\nstderr:\n{errors}\ndaemon log:\n{}",
+        failures.join("\n"),
+        daemon.as_ref().map(Daemon::log).unwrap_or_default()
     );
+}
+
+#[test]
+fn the_readme_curl_session_works_as_pasted() {
+    let steps = session("A curl session");
+    assert_eq!(
+        steps[0].command, "cargo run --release",
+        "the session starts the daemon"
+    );
+    assert!(steps.len() > 10, "{steps:?}");
+    run_session("A curl session");
+}
+
+#[test]
+fn the_readme_events_walk_through_works_as_pasted() {
+    if !std::path::Path::new("/usr/sbin/mosquitto").exists() {
+        crate::support::skip(
+            "mosquitto is not installed (apt-get install mosquitto mosquitto-clients)",
+        );
+        return;
+    }
+    run_session("Events");
 }
 
 #[test]

@@ -351,10 +351,12 @@ impl Daemon {
     }
 
     /// Entries of the functions dir, sorted (to check nothing stray is left).
+    /// (The async queue and the MQTT spool, the daemon's own state, are left out.)
     pub fn dir_entries(&self) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(&self.dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != ".queue" && n != ".spool")
             .collect();
         v.sort();
         v

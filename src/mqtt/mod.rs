@@ -1,0 +1,848 @@
+//! The MQTT trigger: one persistent MQTT 5 session with the broker
+//! (`EDGEFAAS_MQTT_URL`), kept by one thread with a poll loop over the socket
+//! and a wake pipe; the packets are mqttbytes-ng's v5 codec.
+//!
+//! - Each function's `topic` filters are subscribed (QoS 1), and follow
+//!   installs, updates and deletes; `$share/<group>/...` filters split a topic
+//!   across a fleet. The session outlives the daemon (clean start off, a day's
+//!   expiry), so the broker keeps QoS 1 messages for a node that was away.
+//! - A message invokes each matching function through the same path as HTTP,
+//!   with the payload as body and `Mqtt_Topic`, `Mqtt_Qos`, `Mqtt_Retain`.
+//! - The output goes to the message's MQTT 5 response topic (with its
+//!   correlation data) or the function's `reply` topic.
+//! - QoS 1: acknowledged only once every function succeeded (and its reply is
+//!   spooled); a failure is retried after 1, 2, 4 ... s, `EDGEFAAS_MQTT_RETRIES`
+//!   times, then published to `edgefaas/<client id>/dead/<name>` and acknowledged.
+//! - Publishes go through a bounded spool on disk and are sent in order,
+//!   within the broker's receive maximum; reconnects back off to 30 s.
+
+mod spool;
+mod transport;
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use log::{debug, info, warn};
+use mqttbytes_ng::QoS;
+use mqttbytes_ng::v5::{
+    Connect, ConnectProperties, Disconnect, DisconnectReasonCode, Filter, Login, Packet, PingReq,
+    PubAck, Publish, PublishProperties, Subscribe, Unsubscribe,
+};
+
+use crate::admission::Refused;
+use crate::app::App;
+use crate::events::{self, Event};
+use crate::http::Answer;
+use crate::name::FunctionName;
+pub use transport::Endpoint;
+use transport::Transport;
+
+/// How the daemon talks to its broker.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub endpoint: Endpoint,
+    pub ca: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub client_id: String,
+    pub spool_bytes: u64,
+    pub retries: u32,
+    pub max_body: u64,
+}
+
+const KEEP_ALIVE: Duration = Duration::from_secs(30);
+const SESSION_EXPIRY: u32 = 24 * 3600;
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How many messages the broker may send us unacknowledged.
+const RECEIVE_MAX: u16 = 64;
+
+enum Cmd {
+    /// A function's topics may have changed; `ack` is told once the broker
+    /// confirmed the (un)subscriptions (at once when there is nothing to do).
+    Topics(Option<mpsc::Sender<()>>),
+    /// One function's run for one message ended.
+    Done {
+        msg: u64,
+        function: FunctionName,
+        result: Result<Answer, Refused>,
+    },
+    Stop,
+}
+
+/// The daemon's handle on the session thread.
+pub struct Mqtt {
+    tx: Mutex<mpsc::Sender<Cmd>>,
+    wake: OwnedFd,
+    connected: Arc<AtomicBool>,
+    spooled: Arc<AtomicUsize>,
+}
+
+impl Mqtt {
+    /// Opens the spool and starts the session thread (it connects, and keeps reconnecting).
+    pub fn start(app: Arc<App>, settings: Settings) -> Result<Arc<Mqtt>, String> {
+        let tls = if settings.endpoint.tls {
+            Some(transport::tls_config(settings.ca.as_deref())?)
+        } else {
+            None
+        };
+        let dir = app.store.dir().join(".spool");
+        let spool = spool::Spool::open(&dir, settings.spool_bytes)
+            .map_err(|e| format!("cannot open the MQTT spool {}: {e}", dir.display()))?;
+        let subscribed = std::fs::read_to_string(dir.join("subscriptions"))
+            .map(|t| t.lines().map(str::to_string).collect())
+            .unwrap_or_default();
+        let (wake_r, wake_w) = rustix::pipe::pipe_with(
+            rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
+        )
+        .map_err(|e| e.to_string())?;
+        let (tx, rx) = mpsc::channel();
+        let mqtt = Arc::new(Mqtt {
+            tx: Mutex::new(tx),
+            wake: wake_w,
+            connected: Arc::default(),
+            spooled: Arc::new(AtomicUsize::new(spool.len())),
+        });
+        let mut session = Session {
+            handle: Arc::downgrade(&mqtt),
+            connected: mqtt.connected.clone(),
+            spooled: mqtt.spooled.clone(),
+            app,
+            settings,
+            tls,
+            spool,
+            spool_dir: dir,
+            conn: None,
+            buf: BytesMut::new(),
+            next_pkid: 0,
+            inflight: HashMap::new(),
+            queue: VecDeque::new(),
+            receive_max: 20,
+            messages: HashMap::new(),
+            by_pkid: HashMap::new(),
+            next_msg: 0,
+            retries: Vec::new(),
+            routes: Vec::new(),
+            subscribed,
+            awaiting: BTreeSet::new(),
+            waiters: Vec::new(),
+            last_sent: Instant::now(),
+            last_heard: Instant::now(),
+            backoff: Duration::from_millis(250),
+            next_connect: Instant::now(),
+        };
+        session.routes = session.wanted_routes();
+        std::thread::Builder::new()
+            .name("mqtt".into())
+            .spawn(move || session.run(&rx, wake_r))
+            .map_err(|e| e.to_string())?;
+        Ok(mqtt)
+    }
+
+    fn send(&self, cmd: Cmd) {
+        let _ = self.tx.lock().unwrap_or_else(|p| p.into_inner()).send(cmd);
+        let _ = rustix::io::write(&self.wake, &[1]);
+    }
+
+    /// Installs, updates and deletes call this: the subscriptions follow, and
+    /// this waits (at most `wait`) until the broker has confirmed them, so a
+    /// message published once the install answered reaches the function.
+    pub fn topics_changed(&self, wait: Duration) {
+        let (tx, rx) = mpsc::channel();
+        self.send(Cmd::Topics(Some(tx)));
+        let _ = rx.recv_timeout(wait);
+    }
+
+    /// Ends the session (shutdown): unacknowledged messages come again next time.
+    pub fn stop(&self) {
+        self.send(Cmd::Stop);
+    }
+
+    /// Connected, and publishes spooled.
+    pub fn gauges(&self) -> (bool, usize) {
+        (
+            self.connected.load(Ordering::Relaxed),
+            self.spooled.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// One incoming message and the functions still working on it.
+struct Message {
+    pkid: u16,
+    qos: QoS,
+    topic: String,
+    payload: Bytes,
+    retain: bool,
+    response: Option<(String, Option<Bytes>)>,
+    /// Function -> failed runs so far.
+    pending: HashMap<FunctionName, u32>,
+    /// False when the session it came in was lost: its ack would mean nothing.
+    ackable: bool,
+}
+
+struct Session {
+    handle: std::sync::Weak<Mqtt>,
+    connected: Arc<AtomicBool>,
+    spooled: Arc<AtomicUsize>,
+    app: Arc<App>,
+    settings: Settings,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    spool: spool::Spool,
+    spool_dir: PathBuf,
+    conn: Option<Transport>,
+    buf: BytesMut,
+    next_pkid: u16,
+    /// Our QoS 1 publishes the broker has not acknowledged: packet id -> spool seq.
+    inflight: HashMap<u16, u64>,
+    /// Spooled publishes not yet sent on this connection, oldest first.
+    queue: VecDeque<u64>,
+    /// The broker's receive maximum.
+    receive_max: usize,
+    messages: HashMap<u64, Message>,
+    by_pkid: HashMap<u16, u64>,
+    next_msg: u64,
+    retries: Vec<(Instant, u64, FunctionName)>,
+    /// (filter as subscribed, filter to match topics with, function)
+    routes: Vec<(String, String, FunctionName)>,
+    subscribed: BTreeSet<String>,
+    /// (Un)subscriptions sent and not yet confirmed, by packet id.
+    awaiting: BTreeSet<u16>,
+    /// Told when `awaiting` empties.
+    waiters: Vec<mpsc::Sender<()>>,
+    last_sent: Instant,
+    last_heard: Instant,
+    backoff: Duration,
+    next_connect: Instant,
+}
+
+impl Session {
+    fn run(&mut self, rx: &mpsc::Receiver<Cmd>, wake: OwnedFd) {
+        use rustix::event::{PollFd, PollFlags, Timespec, poll};
+        loop {
+            let now = Instant::now();
+            if self.conn.is_none() && now >= self.next_connect {
+                match self.connect() {
+                    Ok(()) => self.backoff = Duration::from_millis(250),
+                    Err(e) => {
+                        warn!(
+                            "MQTT: cannot reach {}:{} ({e}); again in {:?}",
+                            self.settings.endpoint.host, self.settings.endpoint.port, self.backoff
+                        );
+                        self.next_connect = Instant::now() + self.backoff;
+                        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                    }
+                }
+            }
+            let mut deadline = now + Duration::from_secs(1);
+            if let Some((at, _, _)) = self.retries.iter().min_by_key(|r| r.0) {
+                deadline = deadline.min(*at);
+            }
+            if self.conn.is_none() {
+                deadline = deadline.min(self.next_connect);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ts = Timespec {
+                tv_sec: left.as_secs() as _,
+                tv_nsec: left.subsec_nanos() as _,
+            };
+            let (sock_ready, wake_ready) = {
+                let mut fds = vec![PollFd::new(&wake, PollFlags::IN)];
+                if let Some(c) = &self.conn {
+                    fds.push(PollFd::from_borrowed_fd(c.fd(), PollFlags::IN));
+                }
+                let _ = poll(&mut fds, Some(&ts));
+                (
+                    fds.get(1).is_some_and(|f| !f.revents().is_empty()),
+                    !fds[0].revents().is_empty(),
+                )
+            };
+            if wake_ready {
+                let mut b = [0u8; 64];
+                while matches!(rustix::io::read(&wake, &mut b), Ok(n) if n > 0) {}
+            }
+            while let Ok(cmd) = rx.try_recv() {
+                match cmd {
+                    Cmd::Topics(ack) => {
+                        self.sync_topics();
+                        if let Some(ack) = ack {
+                            if self.awaiting.is_empty() {
+                                let _ = ack.send(());
+                            } else {
+                                self.waiters.push(ack);
+                            }
+                        }
+                    }
+                    Cmd::Done {
+                        msg,
+                        function,
+                        result,
+                    } => self.done(msg, function, result),
+                    Cmd::Stop => {
+                        if let Some(mut c) = self.conn.take() {
+                            let mut out = BytesMut::new();
+                            let d = Disconnect::new(DisconnectReasonCode::NormalDisconnection);
+                            if Packet::Disconnect(d).write(&mut out, None).is_ok() {
+                                let _ = c.write_all(&out);
+                            }
+                        }
+                        self.connected.store(false, Ordering::Relaxed);
+                        info!("MQTT: session closed (shutdown)");
+                        return;
+                    }
+                }
+            }
+            if sock_ready {
+                if let Err(e) = self.read() {
+                    self.lost(&e);
+                }
+            }
+            self.fire_retries();
+            self.keep_alive();
+        }
+    }
+
+    /// Connects, sends CONNECT, waits for CONNACK, resubscribes, resends the spool.
+    fn connect(&mut self) -> std::io::Result<()> {
+        let s = &self.settings;
+        let mut conn = Transport::connect(&s.endpoint, self.tls.as_ref(), Duration::from_secs(10))?;
+        let properties = ConnectProperties {
+            session_expiry_interval: Some(SESSION_EXPIRY),
+            receive_maximum: Some(RECEIVE_MAX),
+            max_packet_size: Some(self.max_packet()),
+            ..ConnectProperties::new()
+        };
+        let connect = Connect {
+            keep_alive: KEEP_ALIVE.as_secs() as u16,
+            client_id: s.client_id.clone(),
+            clean_start: false,
+            properties: Some(properties),
+        };
+        let login = s
+            .username
+            .as_ref()
+            .map(|u| Login::new(u, s.password.clone().unwrap_or_default()));
+        let mut out = BytesMut::new();
+        Packet::Connect(connect, None, login)
+            .write(&mut out, None)
+            .map_err(std::io::Error::other)?;
+        conn.write_all(&out)?;
+        // The CONNACK, read within the connect timeout.
+        let mut buf = BytesMut::new();
+        let ack = loop {
+            match Packet::read(&mut buf, Some(self.max_packet())) {
+                Ok(Packet::ConnAck(a)) => break a,
+                Ok(other) => {
+                    return Err(std::io::Error::other(format!(
+                        "expected CONNACK, got {other:?}"
+                    )));
+                }
+                Err(mqttbytes_ng::Error::InsufficientBytes(_)) => {
+                    if conn.read_into(&mut buf)? == 0 {
+                        return Err(std::io::Error::other("the broker closed the connection"));
+                    }
+                }
+                Err(e) => return Err(std::io::Error::other(e)),
+            }
+        };
+        if ack.code != mqttbytes_ng::v5::ConnectReturnCode::Success {
+            return Err(std::io::Error::other(format!(
+                "the broker refused: {:?}",
+                ack.code
+            )));
+        }
+        conn.set_io_timeouts(Duration::from_secs(10))?;
+        self.receive_max = ack
+            .properties
+            .as_ref()
+            .and_then(|p| p.receive_max)
+            .map_or(65_535, usize::from)
+            .max(1);
+        self.buf = buf;
+        self.conn = Some(conn);
+        self.connected.store(true, Ordering::Relaxed);
+        self.last_heard = Instant::now();
+        self.last_sent = Instant::now();
+        self.app.metrics.count("edgefaas_mqtt_connects_total", "");
+        info!(
+            "MQTT: connected to {}:{} as {} (session {})",
+            self.settings.endpoint.host,
+            self.settings.endpoint.port,
+            self.settings.client_id,
+            if ack.session_present {
+                "resumed"
+            } else {
+                "new"
+            }
+        );
+        if !ack.session_present {
+            // The broker forgot us: nothing is subscribed, and acks of earlier messages mean nothing.
+            self.subscribed.clear();
+            self.by_pkid.clear();
+            for m in self.messages.values_mut() {
+                m.ackable = false;
+            }
+        }
+        self.sync_topics();
+        // Everything spooled goes again, in order (duplicates are at-least-once's price).
+        self.inflight.clear();
+        self.queue = self.spool.entries().map(|e| e.seq).collect();
+        self.pump();
+        Ok(())
+    }
+
+    fn max_packet(&self) -> u32 {
+        u32::try_from(self.settings.max_body + 64 * 1024).unwrap_or(u32::MAX)
+    }
+
+    /// Drops the connection; reconnects later.
+    fn lost(&mut self, why: &dyn std::fmt::Display) {
+        if self.conn.take().is_some() {
+            warn!("MQTT: connection lost ({why}); reconnecting");
+        }
+        // Nothing more will be confirmed on this connection.
+        self.awaiting.clear();
+        for w in self.waiters.drain(..) {
+            let _ = w.send(());
+        }
+        self.connected.store(false, Ordering::Relaxed);
+        self.next_connect = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
+
+    fn write(&mut self, packet: Packet) {
+        let mut out = BytesMut::new();
+        if let Err(e) = packet.write(&mut out, None) {
+            warn!("MQTT: cannot encode a packet: {e}");
+            return;
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        match conn.write_all(&out) {
+            Ok(()) => self.last_sent = Instant::now(),
+            Err(e) => self.lost(&e),
+        }
+    }
+
+    fn pkid(&mut self) -> u16 {
+        loop {
+            self.next_pkid = self.next_pkid.wrapping_add(1);
+            let p = self.next_pkid;
+            if p != 0 && !self.inflight.contains_key(&p) && !self.awaiting.contains(&p) {
+                return self.next_pkid;
+            }
+        }
+    }
+
+    /// Reads what arrived and handles each whole packet.
+    fn read(&mut self) -> std::io::Result<()> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(());
+        };
+        if conn.read_into(&mut self.buf)? == 0 {
+            return Err(std::io::Error::other("the broker closed the connection"));
+        }
+        self.last_heard = Instant::now();
+        let max = self.max_packet();
+        loop {
+            match Packet::read(&mut self.buf, Some(max)) {
+                Ok(p) => self.handle(p),
+                Err(mqttbytes_ng::Error::InsufficientBytes(_)) => return Ok(()),
+                Err(e) => return Err(std::io::Error::other(e)),
+            }
+            if self.conn.is_none() {
+                return Ok(());
+            }
+        }
+    }
+
+    fn handle(&mut self, packet: Packet) {
+        match packet {
+            Packet::Publish(p) => self.incoming(p),
+            Packet::PubAck(a) => {
+                if let Some(seq) = self.inflight.remove(&a.pkid) {
+                    self.spool.remove(seq);
+                    self.spooled.store(self.spool.len(), Ordering::Relaxed);
+                }
+                self.pump();
+            }
+            Packet::SubAck(s) => {
+                for code in &s.return_codes {
+                    let bad = format!("{code:?}");
+                    if !bad.starts_with("Success") {
+                        warn!("MQTT: a subscription was refused: {bad}");
+                    }
+                }
+                self.confirmed(s.pkid);
+            }
+            Packet::UnsubAck(u) => self.confirmed(u.pkid),
+            Packet::Disconnect(d) => {
+                self.lost(&format!("the broker disconnected: {:?}", d.reason_code))
+            }
+            Packet::PingResp(_) => {}
+            other => debug!("MQTT: ignoring {other:?}"),
+        }
+    }
+
+    /// The broker confirmed an (un)subscription; those waiting for all of them learn it.
+    fn confirmed(&mut self, pkid: u16) {
+        self.awaiting.remove(&pkid);
+        if self.awaiting.is_empty() {
+            for w in self.waiters.drain(..) {
+                let _ = w.send(());
+            }
+        }
+    }
+
+    /// A message from the broker: run each function whose filter matches it.
+    fn incoming(&mut self, p: Publish) {
+        let topic = String::from_utf8_lossy(&p.topic).into_owned();
+        if p.qos == QoS::AtLeastOnce && self.by_pkid.contains_key(&p.pkid) {
+            // Sent again (DUP) while it still runs: its ack comes when it is done.
+            return;
+        }
+        let mut functions: Vec<FunctionName> = self
+            .routes
+            .iter()
+            .filter(|(_, filter, _)| mqttbytes_ng::matches(&topic, filter))
+            .map(|(_, _, f)| f.clone())
+            .collect();
+        functions.sort();
+        functions.dedup();
+        if functions.is_empty() {
+            debug!("MQTT: no function for {topic}");
+            if p.qos == QoS::AtLeastOnce {
+                self.write(Packet::PubAck(PubAck::new(p.pkid, None)));
+            }
+            return;
+        }
+        let props = p.properties.unwrap_or_default();
+        let id = self.next_msg;
+        self.next_msg += 1;
+        let message = Message {
+            pkid: p.pkid,
+            qos: p.qos,
+            topic,
+            payload: p.payload,
+            retain: p.retain,
+            response: props.response_topic.map(|t| (t, props.correlation_data)),
+            pending: functions.iter().map(|f| (f.clone(), 0)).collect(),
+            ackable: true,
+        };
+        if p.qos == QoS::AtLeastOnce {
+            self.by_pkid.insert(p.pkid, id);
+        }
+        for f in &functions {
+            self.app
+                .metrics
+                .count("edgefaas_mqtt_messages_received_total", f.as_str());
+            self.start_run(id, &message, f.clone());
+        }
+        self.messages.insert(id, message);
+    }
+
+    /// Hands one function's run of a message to the invocation lane.
+    fn start_run(&self, id: u64, m: &Message, function: FunctionName) {
+        let qos = match m.qos {
+            QoS::AtMostOnce => "0",
+            QoS::AtLeastOnce => "1",
+            QoS::ExactlyOnce => "2",
+        };
+        let env = vec![
+            ("Mqtt_Topic".into(), m.topic.clone()),
+            ("Mqtt_Qos".into(), qos.into()),
+            (
+                "Mqtt_Retain".into(),
+                if m.retain { "1" } else { "0" }.into(),
+            ),
+        ];
+        let handle = self.handle.clone();
+        let f = function.clone();
+        events::submit(
+            &self.app,
+            Event {
+                name: function,
+                body: m.payload.to_vec(),
+                env,
+            },
+            Box::new(move |result| {
+                if let Some(h) = handle.upgrade() {
+                    h.send(Cmd::Done {
+                        msg: id,
+                        function: f,
+                        result,
+                    });
+                }
+            }),
+        );
+    }
+
+    /// One function's run ended: reply, retry, or dead-letter; ack when all are through.
+    fn done(&mut self, id: u64, function: FunctionName, result: Result<Answer, Refused>) {
+        let Some(m) = self.messages.get_mut(&id) else {
+            return;
+        };
+        let ok = matches!(&result, Ok(a) if (200..300).contains(&a.status));
+        if ok {
+            let answer = result.as_ref().map(|a| a.body.clone()).unwrap_or_default();
+            let target = match &m.response {
+                Some((t, c)) => Some((t.clone(), c.clone())),
+                None => self
+                    .app
+                    .store
+                    .settings(&function)
+                    .reply
+                    .clone()
+                    .map(|t| (t, None)),
+            };
+            let qos = m.qos;
+            m.pending.remove(&function);
+            self.app
+                .metrics
+                .count("edgefaas_mqtt_messages_acked_total", function.as_str());
+            if let Some((topic, correlation)) = target {
+                self.publish(&topic, answer.into(), correlation, qos);
+            }
+        } else {
+            let attempts = m.pending.get(&function).copied().unwrap_or(0) + 1;
+            let why = match &result {
+                Ok(a) => String::from_utf8_lossy(&a.body).trim().to_string(),
+                Err(r) => format!("not run: {r:?}"),
+            };
+            if attempts <= self.settings.retries {
+                m.pending.insert(function.clone(), attempts);
+                let wait = Duration::from_secs(1 << (attempts - 1).min(5));
+                self.app
+                    .metrics
+                    .count("edgefaas_mqtt_messages_retried_total", function.as_str());
+                debug!(
+                    "MQTT: {function} failed on {} ({why}); again in {wait:?}",
+                    m.topic
+                );
+                self.retries.push((Instant::now() + wait, id, function));
+                return;
+            }
+            m.pending.remove(&function);
+            let dead = serde_json::json!({
+                "function": function.as_str(),
+                "topic": m.topic,
+                "error": why,
+                "attempts": attempts,
+                "payload": String::from_utf8_lossy(&m.payload),
+            });
+            let topic = format!("edgefaas/{}/dead/{function}", self.settings.client_id);
+            warn!(
+                "MQTT: {function} failed {attempts} times on {}; dead-lettered to {topic}",
+                m.topic
+            );
+            let qos = m.qos;
+            self.app.metrics.count(
+                "edgefaas_mqtt_messages_dead_lettered_total",
+                function.as_str(),
+            );
+            self.publish(
+                &topic,
+                dead.to_string().into_bytes().into(),
+                None,
+                qos.max_one(),
+            );
+        }
+        let through = self.messages.get(&id).is_some_and(|m| m.pending.is_empty());
+        if through {
+            if let Some(m) = self.messages.remove(&id) {
+                if m.qos == QoS::AtLeastOnce {
+                    self.by_pkid.remove(&m.pkid);
+                    if m.ackable {
+                        self.write(Packet::PubAck(PubAck::new(m.pkid, None)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Publishes through the spool: written before the message that caused it
+    /// is acknowledged, sent in order within the broker's receive maximum.
+    fn publish(&mut self, topic: &str, payload: Bytes, correlation: Option<Bytes>, qos: QoS) {
+        let qos = qos.max_one();
+        let properties = correlation.map(|c| PublishProperties {
+            correlation_data: Some(c),
+            ..PublishProperties::default()
+        });
+        let publish = Publish::new(topic, qos, payload, properties);
+        self.app.metrics.count("edgefaas_mqtt_publishes_total", "");
+        if qos == QoS::AtMostOnce && self.conn.is_some() && self.queue.is_empty() {
+            self.write(Packet::Publish(publish));
+            return;
+        }
+        let mut publish = publish;
+        if qos == QoS::AtLeastOnce {
+            publish.pkid = 1; // a placeholder: each send gets its own id
+        }
+        let mut bytes = BytesMut::new();
+        if let Err(e) = Packet::Publish(publish).write(&mut bytes, None) {
+            warn!("MQTT: cannot encode a publish to {topic}: {e}");
+            return;
+        }
+        match self.spool.push(&bytes, self.conn.is_none()) {
+            Ok((entry, dropped)) => {
+                if dropped > 0 {
+                    warn!(
+                        "MQTT: the spool is full (EDGEFAAS_MQTT_SPOOL): dropped the {dropped} oldest publishes"
+                    );
+                    for _ in 0..dropped {
+                        self.app
+                            .metrics
+                            .count("edgefaas_mqtt_spool_dropped_total", "");
+                    }
+                    let spool = &self.spool;
+                    self.queue.retain(|s| spool.contains(*s));
+                }
+                self.queue.push_back(entry.seq);
+            }
+            Err(e) => warn!("MQTT: cannot spool a publish to {topic}: {e}"),
+        }
+        self.spooled.store(self.spool.len(), Ordering::Relaxed);
+        self.pump();
+    }
+
+    /// Sends queued publishes while the broker's receive maximum allows.
+    fn pump(&mut self) {
+        while self.conn.is_some() && self.inflight.len() < self.receive_max {
+            let Some(seq) = self.queue.pop_front() else {
+                return;
+            };
+            let Some(entry) = self.spool.entries().find(|e| e.seq == seq).cloned() else {
+                continue;
+            };
+            let packet = std::fs::read(&entry.path)
+                .ok()
+                .and_then(|b| Packet::read(&mut BytesMut::from(&b[..]), None).ok());
+            let Some(Packet::Publish(mut p)) = packet else {
+                warn!(
+                    "MQTT: dropping an unreadable spooled publish {}",
+                    entry.path.display()
+                );
+                self.spool.remove(seq);
+                continue;
+            };
+            if p.qos == QoS::AtMostOnce {
+                self.write(Packet::Publish(p));
+                self.spool.remove(seq);
+            } else {
+                p.pkid = self.pkid();
+                self.inflight.insert(p.pkid, seq);
+                self.write(Packet::Publish(p));
+            }
+            self.spooled.store(self.spool.len(), Ordering::Relaxed);
+        }
+    }
+
+    fn fire_retries(&mut self) {
+        let now = Instant::now();
+        let due: Vec<(u64, FunctionName)> = self
+            .retries
+            .iter()
+            .filter(|r| r.0 <= now)
+            .map(|r| (r.1, r.2.clone()))
+            .collect();
+        self.retries.retain(|r| r.0 > now);
+        for (id, function) in due {
+            if let Some(m) = self.messages.get(&id) {
+                self.start_run(id, m, function);
+            }
+        }
+    }
+
+    fn keep_alive(&mut self) {
+        if self.conn.is_none() {
+            return;
+        }
+        if self.last_heard.elapsed() > KEEP_ALIVE * 3 / 2 {
+            self.lost(&"the broker went quiet");
+            return;
+        }
+        if self.last_sent.elapsed() >= KEEP_ALIVE / 2 {
+            self.write(Packet::PingReq(PingReq));
+        }
+    }
+
+    /// The (filter, matching filter, function) of every function's `topic` settings.
+    fn wanted_routes(&self) -> Vec<(String, String, FunctionName)> {
+        let mut routes = Vec::new();
+        for name in self.app.store.list().unwrap_or_default() {
+            for filter in &self.app.store.settings(&name).topic {
+                // `$share/<group>/<filter>`: the broker splits; the filter is what matches.
+                let matching = filter
+                    .strip_prefix("$share/")
+                    .and_then(|r| r.split_once('/'))
+                    .map_or(filter.as_str(), |(_, f)| f)
+                    .to_string();
+                routes.push((filter.clone(), matching, name.clone()));
+            }
+        }
+        routes
+    }
+
+    /// Subscribes the new filters, unsubscribes the gone ones, and remembers them on disk.
+    fn sync_topics(&mut self) {
+        self.routes = self.wanted_routes();
+        if self.conn.is_none() {
+            return;
+        }
+        let wanted: BTreeSet<String> = self.routes.iter().map(|r| r.0.clone()).collect();
+        let new: Vec<String> = wanted.difference(&self.subscribed).cloned().collect();
+        let gone: Vec<String> = self.subscribed.difference(&wanted).cloned().collect();
+        for filter in &new {
+            info!("MQTT: subscribing {filter}");
+            let pkid = self.pkid();
+            let mut sub = Subscribe::new(Filter::new(filter.clone(), QoS::AtLeastOnce), None);
+            sub.pkid = pkid;
+            self.awaiting.insert(pkid);
+            self.write(Packet::Subscribe(sub));
+        }
+        for filter in &gone {
+            info!("MQTT: unsubscribing {filter}");
+            let pkid = self.pkid();
+            let mut unsub = Unsubscribe::new(filter.clone(), None);
+            unsub.pkid = pkid;
+            self.awaiting.insert(pkid);
+            self.write(Packet::Unsubscribe(unsub));
+        }
+        if self.conn.is_some() && (!new.is_empty() || !gone.is_empty()) {
+            self.subscribed = wanted;
+            let list: String = self.subscribed.iter().map(|f| format!("{f}\n")).collect();
+            let tmp = self.spool_dir.join(".subscriptions.tmp");
+            let _ = std::fs::write(&tmp, list)
+                .and_then(|()| std::fs::rename(&tmp, self.spool_dir.join("subscriptions")));
+        }
+    }
+}
+
+trait MaxOne {
+    fn max_one(self) -> QoS;
+}
+
+impl MaxOne for QoS {
+    /// Publishes go at QoS 0 or 1 (exactly-once is not offered).
+    fn max_one(self) -> QoS {
+        match self {
+            QoS::AtMostOnce => QoS::AtMostOnce,
+            _ => QoS::AtLeastOnce,
+        }
+    }
+}
+
+/// The node's name for the client id: `/proc/sys/kernel/hostname`.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".into())
+}
