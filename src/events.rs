@@ -44,6 +44,13 @@ impl Job for EventJob {
         let EventJob {
             app, event, done, ..
         } = *self;
+        if app.draining() {
+            // Admitted before the drain began: not run, so its source keeps it
+            // (a queued call stays on disk, an MQTT message stays unacknowledged).
+            drop(slot);
+            done(Err(Refused::ShuttingDown));
+            return;
+        }
         let answer = run(&app, event);
         drop(slot);
         done(Ok(answer));

@@ -60,6 +60,18 @@ const EVENT_COUNTERS: &[(&str, &str)] = &[
         "edgefaas_mqtt_connects_total",
         "Sessions opened with the broker.",
     ),
+    (
+        "edgefaas_mqtt_messages_dropped_total",
+        "QoS 0 messages dropped: the node was busy, or too many messages were in progress.",
+    ),
+    (
+        "edgefaas_mqtt_publishes_refused_total",
+        "Replies not published: not a valid topic, or over the broker's maximum packet size.",
+    ),
+    (
+        "edgefaas_mqtt_subscriptions_refused_total",
+        "Subscriptions the broker refused (tried again at the next install or connection).",
+    ),
     ("edgefaas_schedule_runs_total", "Scheduled runs started."),
     (
         "edgefaas_schedule_skips_total",

@@ -19,7 +19,7 @@
 mod spool;
 mod transport;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -31,7 +31,8 @@ use log::{debug, info, warn};
 use mqttbytes_ng::QoS;
 use mqttbytes_ng::v5::{
     Connect, ConnectProperties, Disconnect, DisconnectReasonCode, Filter, Login, Packet, PingReq,
-    PubAck, Publish, PublishProperties, Subscribe, Unsubscribe,
+    PubAck, Publish, PublishProperties, RetainForwardRule, Subscribe, SubscribeProperties,
+    Unsubscribe,
 };
 
 use crate::admission::Refused;
@@ -39,6 +40,7 @@ use crate::app::App;
 use crate::events::{self, Event};
 use crate::http::Answer;
 use crate::name::FunctionName;
+pub use spool::private_file;
 pub use transport::Endpoint;
 use transport::Transport;
 
@@ -58,6 +60,13 @@ pub struct Settings {
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
 const SESSION_EXPIRY: u32 = 24 * 3600;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A connection up this long resets the reconnect backoff.
+const STABLE: Duration = Duration::from_secs(10);
+/// Messages in progress at most; past it QoS 0 messages are dropped (and
+/// counted): QoS 1 ones are bounded by the receive maximum.
+const MAX_MESSAGES: usize = 1024;
+/// A message the node was too busy to run (lane full, queue timeout) tries again after this.
+const BUSY_RETRY: Duration = Duration::from_millis(250);
 /// How many messages the broker may send us unacknowledged.
 const RECEIVE_MAX: u16 = 64;
 
@@ -126,16 +135,20 @@ impl Mqtt {
             by_pkid: HashMap::new(),
             next_msg: 0,
             retries: Vec::new(),
+            unsent_acks: Vec::new(),
+            acked_on_resume: BTreeSet::new(),
             routes: Vec::new(),
             subscribed,
-            awaiting: BTreeSet::new(),
+            awaiting: BTreeMap::new(),
             waiters: Vec::new(),
             last_sent: Instant::now(),
             last_heard: Instant::now(),
+            connected_at: Instant::now(),
+            broker_max_packet: None,
             backoff: Duration::from_millis(250),
             next_connect: Instant::now(),
         };
-        session.routes = session.wanted_routes();
+        session.routes = session.wanted_routes().unwrap_or_default();
         std::thread::Builder::new()
             .name("mqtt".into())
             .spawn(move || session.run(&rx, wake_r))
@@ -207,15 +220,23 @@ struct Session {
     by_pkid: HashMap<u16, u64>,
     next_msg: u64,
     retries: Vec<(Instant, u64, FunctionName)>,
+    /// Acks of messages that finished while disconnected: sent if the session resumes.
+    unsent_acks: Vec<u16>,
+    /// Those acks, sent at the last connect: their re-sent copies (DUP) are not run again.
+    acked_on_resume: BTreeSet<u16>,
     /// (filter as subscribed, filter to match topics with, function)
     routes: Vec<(String, String, FunctionName)>,
     subscribed: BTreeSet<String>,
     /// (Un)subscriptions sent and not yet confirmed, by packet id.
-    awaiting: BTreeSet<u16>,
+    /// (subscribe or unsubscribe, filter) by packet id.
+    awaiting: BTreeMap<u16, (bool, String)>,
     /// Told when `awaiting` empties.
     waiters: Vec<mpsc::Sender<()>>,
     last_sent: Instant,
     last_heard: Instant,
+    connected_at: Instant,
+    /// The broker's maximum packet size (CONNACK), if it said.
+    broker_max_packet: Option<u32>,
     backoff: Duration,
     next_connect: Instant,
 }
@@ -227,7 +248,7 @@ impl Session {
             let now = Instant::now();
             if self.conn.is_none() && now >= self.next_connect {
                 match self.connect() {
-                    Ok(()) => self.backoff = Duration::from_millis(250),
+                    Ok(()) => {}
                     Err(e) => {
                         warn!(
                             "MQTT: cannot reach {}:{} ({e}); again in {:?}",
@@ -362,6 +383,8 @@ impl Session {
             .and_then(|p| p.receive_max)
             .map_or(65_535, usize::from)
             .max(1);
+        self.broker_max_packet = ack.properties.as_ref().and_then(|p| p.max_packet_size);
+        self.connected_at = Instant::now();
         self.buf = buf;
         self.conn = Some(conn);
         self.connected.store(true, Ordering::Relaxed);
@@ -382,16 +405,27 @@ impl Session {
         if !ack.session_present {
             // The broker forgot us: nothing is subscribed, and acks of earlier messages mean nothing.
             self.subscribed.clear();
+            self.save_subscriptions();
             self.by_pkid.clear();
+            self.unsent_acks.clear();
             for m in self.messages.values_mut() {
                 m.ackable = false;
             }
+        }
+        self.acked_on_resume.clear();
+        for pkid in std::mem::take(&mut self.unsent_acks) {
+            self.write(Packet::PubAck(PubAck::new(pkid, None)));
+            self.acked_on_resume.insert(pkid);
         }
         self.sync_topics();
         // Everything spooled goes again, in order (duplicates are at-least-once's price).
         self.inflight.clear();
         self.queue = self.spool.entries().map(|e| e.seq).collect();
         self.pump();
+        // Packets that arrived with the CONNACK are handled now, not at the next read.
+        if let Err(e) = self.parse_buffered() {
+            self.lost(&e);
+        }
         Ok(())
     }
 
@@ -403,6 +437,11 @@ impl Session {
     fn lost(&mut self, why: &dyn std::fmt::Display) {
         if self.conn.take().is_some() {
             warn!("MQTT: connection lost ({why}); reconnecting");
+        }
+        // A connection that held a while earns a quick reconnect; one that fell at
+        // once (a broker refusing something we send) backs off further each time.
+        if self.connected_at.elapsed() >= STABLE {
+            self.backoff = Duration::from_millis(250);
         }
         // Nothing more will be confirmed on this connection.
         self.awaiting.clear();
@@ -433,7 +472,7 @@ impl Session {
         loop {
             self.next_pkid = self.next_pkid.wrapping_add(1);
             let p = self.next_pkid;
-            if p != 0 && !self.inflight.contains_key(&p) && !self.awaiting.contains(&p) {
+            if p != 0 && !self.inflight.contains_key(&p) && !self.awaiting.contains_key(&p) {
                 return self.next_pkid;
             }
         }
@@ -448,6 +487,11 @@ impl Session {
             return Err(std::io::Error::other("the broker closed the connection"));
         }
         self.last_heard = Instant::now();
+        self.parse_buffered()
+    }
+
+    /// Handles every whole packet in the read buffer.
+    fn parse_buffered(&mut self) -> std::io::Result<()> {
         let max = self.max_packet();
         loop {
             match Packet::read(&mut self.buf, Some(max)) {
@@ -465,6 +509,13 @@ impl Session {
         match packet {
             Packet::Publish(p) => self.incoming(p),
             Packet::PubAck(a) => {
+                let reason = format!("{:?}", a.reason);
+                if !reason.starts_with("Success") && !reason.starts_with("NoMatchingSubscribers") {
+                    warn!("MQTT: the broker refused a publish: {reason}; dropping it");
+                    self.app
+                        .metrics
+                        .count("edgefaas_mqtt_publishes_refused_total", "");
+                }
                 if let Some(seq) = self.inflight.remove(&a.pkid) {
                     self.spool.remove(seq);
                     self.spooled.store(self.spool.len(), Ordering::Relaxed);
@@ -472,17 +523,45 @@ impl Session {
                 self.pump();
             }
             Packet::SubAck(s) => {
-                for code in &s.return_codes {
-                    let bad = format!("{code:?}");
-                    if !bad.starts_with("Success") {
-                        warn!("MQTT: a subscription was refused: {bad}");
+                let ok = s
+                    .return_codes
+                    .iter()
+                    .all(|c| format!("{c:?}").starts_with("Success"));
+                if let Some((_, filter)) = self.awaiting.get(&s.pkid) {
+                    if ok {
+                        self.subscribed.insert(filter.clone());
+                        self.save_subscriptions();
+                    } else {
+                        // Not subscribed: tried again at the next install or connection.
+                        log::error!(
+                            "MQTT: the broker refused the subscription {filter}: {:?}",
+                            s.return_codes
+                        );
+                        self.app
+                            .metrics
+                            .count("edgefaas_mqtt_subscriptions_refused_total", "");
                     }
                 }
                 self.confirmed(s.pkid);
             }
-            Packet::UnsubAck(u) => self.confirmed(u.pkid),
+            Packet::UnsubAck(u) => {
+                if let Some((_, filter)) = self.awaiting.get(&u.pkid) {
+                    self.subscribed.remove(&filter.clone());
+                    self.save_subscriptions();
+                }
+                self.confirmed(u.pkid);
+            }
             Packet::Disconnect(d) => {
-                self.lost(&format!("the broker disconnected: {:?}", d.reason_code))
+                let why = format!("{:?}", d.reason_code);
+                if why.contains("SessionTakenOver") {
+                    log::error!(
+                        "MQTT: another client connected as {} and took this session; \
+                         give each node its own EDGEFAAS_MQTT_CLIENT_ID",
+                        self.settings.client_id
+                    );
+                    self.backoff = MAX_BACKOFF;
+                }
+                self.lost(&format!("the broker disconnected: {why}"));
             }
             Packet::PingResp(_) => {}
             other => debug!("MQTT: ignoring {other:?}"),
@@ -502,18 +581,34 @@ impl Session {
     /// A message from the broker: run each function whose filter matches it.
     fn incoming(&mut self, p: Publish) {
         let topic = String::from_utf8_lossy(&p.topic).into_owned();
-        if p.qos == QoS::AtLeastOnce && self.by_pkid.contains_key(&p.pkid) {
-            // Sent again (DUP) while it still runs: its ack comes when it is done.
+        if p.qos == QoS::AtLeastOnce {
+            if p.dup && self.acked_on_resume.remove(&p.pkid) {
+                // Finished while we were away; acknowledged on this connection.
+                return;
+            }
+            if let Some(old) = self.by_pkid.get(&p.pkid).copied() {
+                if p.dup {
+                    // Sent again while it still runs: its ack comes when it is done.
+                    return;
+                }
+                // A new message under an id we still hold: the broker reused it
+                // (a session taken over or restored). The old one's ack would
+                // now acknowledge this one, so the old one is not acknowledged.
+                warn!("MQTT: the broker reused packet id {}", p.pkid);
+                if let Some(m) = self.messages.get_mut(&old) {
+                    m.ackable = false;
+                }
+                self.by_pkid.remove(&p.pkid);
+            }
+        }
+        if p.qos == QoS::AtMostOnce && self.messages.len() >= MAX_MESSAGES {
+            self.app
+                .metrics
+                .count("edgefaas_mqtt_messages_dropped_total", "");
             return;
         }
-        let mut functions: Vec<FunctionName> = self
-            .routes
-            .iter()
-            .filter(|(_, filter, _)| mqttbytes_ng::matches(&topic, filter))
-            .map(|(_, _, f)| f.clone())
-            .collect();
-        functions.sort();
-        functions.dedup();
+        let props = p.properties.unwrap_or_default();
+        let functions = self.route(&topic, &props.subscription_identifiers);
         if functions.is_empty() {
             debug!("MQTT: no function for {topic}");
             if p.qos == QoS::AtLeastOnce {
@@ -521,14 +616,14 @@ impl Session {
             }
             return;
         }
-        let props = p.properties.unwrap_or_default();
         let id = self.next_msg;
         self.next_msg += 1;
         let message = Message {
             pkid: p.pkid,
             qos: p.qos,
             topic,
-            payload: p.payload,
+            // A copy: a slice would pin the whole read buffer while it runs.
+            payload: Bytes::copy_from_slice(&p.payload),
             retain: p.retain,
             response: props.response_topic.map(|t| (t, props.correlation_data)),
             pending: functions.iter().map(|f| (f.clone(), 0)).collect(),
@@ -544,6 +639,30 @@ impl Session {
             self.start_run(id, &message, f.clone());
         }
         self.messages.insert(id, message);
+    }
+
+    /// The functions a delivered copy of a message on `topic` runs. The broker
+    /// sends one copy per matching subscription, each carrying its
+    /// subscription identifiers: a function runs on the copy of the lowest
+    /// identifier among its own filters that match, so overlapping filters
+    /// (`a/+` and `a/#`, or `$share/g/x` next to `x`) run each function once.
+    /// A broker without identifiers: every function whose filter matches.
+    fn route(&self, topic: &str, ids: &[usize]) -> Vec<FunctionName> {
+        let mut lowest: HashMap<&FunctionName, usize> = HashMap::new();
+        for (filter, matching, f) in &self.routes {
+            if topic_matches(topic, matching) {
+                let id = subscription_id(filter);
+                let e = lowest.entry(f).or_insert(id);
+                *e = (*e).min(id);
+            }
+        }
+        let mut functions: Vec<FunctionName> = lowest
+            .into_iter()
+            .filter(|(_, id)| ids.is_empty() || ids.contains(id))
+            .map(|(f, _)| f.clone())
+            .collect();
+        functions.sort();
+        functions
     }
 
     /// Hands one function's run of a message to the invocation lane.
@@ -587,97 +706,165 @@ impl Session {
         let Some(m) = self.messages.get_mut(&id) else {
             return;
         };
-        let ok = matches!(&result, Ok(a) if (200..300).contains(&a.status));
-        if ok {
-            let answer = result.as_ref().map(|a| a.body.clone()).unwrap_or_default();
-            let target = match &m.response {
-                Some((t, c)) => Some((t.clone(), c.clone())),
-                None => self
-                    .app
-                    .store
-                    .settings(&function)
-                    .reply
-                    .clone()
-                    .map(|t| (t, None)),
-            };
-            let qos = m.qos;
-            m.pending.remove(&function);
-            self.app
-                .metrics
-                .count("edgefaas_mqtt_messages_acked_total", function.as_str());
-            if let Some((topic, correlation)) = target {
-                self.publish(&topic, answer.into(), correlation, qos);
+        match &result {
+            Err(Refused::ShuttingDown) => {
+                // Not run, and never acknowledged: the broker sends it again next time.
+                m.pending.remove(&function);
+                m.ackable = false;
             }
-        } else {
-            let attempts = m.pending.get(&function).copied().unwrap_or(0) + 1;
-            let why = match &result {
-                Ok(a) => String::from_utf8_lossy(&a.body).trim().to_string(),
-                Err(r) => format!("not run: {r:?}"),
-            };
-            if attempts <= self.settings.retries {
-                m.pending.insert(function.clone(), attempts);
-                let wait = Duration::from_secs(1 << (attempts - 1).min(5));
+            Err(Refused::Full | Refused::TimedOut) => {
+                // The node is busy, the function did not fail: a QoS 1 message waits
+                // (the receive maximum holds the rest at the broker) and tries again
+                // without spending an attempt; a QoS 0 one is dropped and counted.
+                if m.qos == QoS::AtMostOnce {
+                    m.pending.remove(&function);
+                    self.app
+                        .metrics
+                        .count("edgefaas_mqtt_messages_dropped_total", "");
+                } else {
+                    self.retries
+                        .push((Instant::now() + BUSY_RETRY, id, function));
+                    return;
+                }
+            }
+            Ok(a) if (200..300).contains(&a.status) => {
+                let target = match &m.response {
+                    Some((t, c)) => Some((t.clone(), c.clone())),
+                    None => self
+                        .app
+                        .store
+                        .settings(&function)
+                        .reply
+                        .clone()
+                        .map(|t| (t, None)),
+                };
+                let qos = m.qos;
+                m.pending.remove(&function);
                 self.app
                     .metrics
-                    .count("edgefaas_mqtt_messages_retried_total", function.as_str());
-                debug!(
-                    "MQTT: {function} failed on {} ({why}); again in {wait:?}",
+                    .count("edgefaas_mqtt_messages_acked_total", function.as_str());
+                if let Some((topic, correlation)) = target {
+                    if !self.publish(&topic, a.body.clone().into(), correlation, qos) {
+                        // Not spooled (a full disk): no ack, so the broker sends it again.
+                        if let Some(m) = self.messages.get_mut(&id) {
+                            m.ackable = false;
+                        }
+                    }
+                }
+            }
+            Ok(a) => {
+                let attempts = m.pending.get(&function).copied().unwrap_or(0) + 1;
+                let why = String::from_utf8_lossy(&a.body).trim().to_string();
+                if attempts <= self.settings.retries {
+                    m.pending.insert(function.clone(), attempts);
+                    let wait = Duration::from_secs(1 << (attempts - 1).min(5));
+                    self.app
+                        .metrics
+                        .count("edgefaas_mqtt_messages_retried_total", function.as_str());
+                    debug!(
+                        "MQTT: {function} failed on {} ({why}); again in {wait:?}",
+                        m.topic
+                    );
+                    self.retries.push((Instant::now() + wait, id, function));
+                    return;
+                }
+                m.pending.remove(&function);
+                let mut dead = serde_json::json!({
+                    "function": function.as_str(),
+                    "topic": m.topic,
+                    "error": why,
+                    "attempts": attempts,
+                    "payload": String::from_utf8_lossy(&m.payload),
+                });
+                if std::str::from_utf8(&m.payload).is_err() {
+                    use base64::Engine as _;
+                    dead["payload_base64"] = base64::engine::general_purpose::STANDARD
+                        .encode(&m.payload)
+                        .into();
+                }
+                let topic = format!("edgefaas/{}/dead/{function}", self.settings.client_id);
+                warn!(
+                    "MQTT: {function} failed {attempts} times on {}; dead-lettered to {topic}",
                     m.topic
                 );
-                self.retries.push((Instant::now() + wait, id, function));
-                return;
+                let qos = m.qos;
+                self.app.metrics.count(
+                    "edgefaas_mqtt_messages_dead_lettered_total",
+                    function.as_str(),
+                );
+                if !self.publish(&topic, dead.to_string().into_bytes().into(), None, qos) {
+                    if let Some(m) = self.messages.get_mut(&id) {
+                        m.ackable = false;
+                    }
+                }
             }
-            m.pending.remove(&function);
-            let dead = serde_json::json!({
-                "function": function.as_str(),
-                "topic": m.topic,
-                "error": why,
-                "attempts": attempts,
-                "payload": String::from_utf8_lossy(&m.payload),
-            });
-            let topic = format!("edgefaas/{}/dead/{function}", self.settings.client_id);
-            warn!(
-                "MQTT: {function} failed {attempts} times on {}; dead-lettered to {topic}",
-                m.topic
-            );
-            let qos = m.qos;
-            self.app.metrics.count(
-                "edgefaas_mqtt_messages_dead_lettered_total",
-                function.as_str(),
-            );
-            self.publish(
-                &topic,
-                dead.to_string().into_bytes().into(),
-                None,
-                qos.max_one(),
-            );
         }
         let through = self.messages.get(&id).is_some_and(|m| m.pending.is_empty());
         if through {
             if let Some(m) = self.messages.remove(&id) {
                 if m.qos == QoS::AtLeastOnce {
-                    self.by_pkid.remove(&m.pkid);
+                    if self.by_pkid.get(&m.pkid) == Some(&id) {
+                        self.by_pkid.remove(&m.pkid);
+                    }
                     if m.ackable {
-                        self.write(Packet::PubAck(PubAck::new(m.pkid, None)));
+                        self.ack(m.pkid);
                     }
                 }
             }
         }
     }
 
+    /// Acknowledges a QoS 1 message now, or on the next connection if it resumes the session.
+    fn ack(&mut self, pkid: u16) {
+        if self.conn.is_some() {
+            self.write(Packet::PubAck(PubAck::new(pkid, None)));
+        } else {
+            self.unsent_acks.push(pkid);
+        }
+    }
+
     /// Publishes through the spool: written before the message that caused it
     /// is acknowledged, sent in order within the broker's receive maximum.
-    fn publish(&mut self, topic: &str, payload: Bytes, correlation: Option<Bytes>, qos: QoS) {
+    /// False only when it could not be spooled (the caller must not ack); a
+    /// publish the broker would refuse (a bad topic, over its packet size) is
+    /// logged and dropped, since sending it would end the session each time.
+    fn publish(
+        &mut self,
+        topic: &str,
+        payload: Bytes,
+        correlation: Option<Bytes>,
+        qos: QoS,
+    ) -> bool {
         let qos = qos.max_one();
+        if !valid_topic(topic) {
+            warn!("MQTT: not publishing to {topic:?}: not a valid topic name");
+            self.app
+                .metrics
+                .count("edgefaas_mqtt_publishes_refused_total", "");
+            return true;
+        }
         let properties = correlation.map(|c| PublishProperties {
             correlation_data: Some(c),
             ..PublishProperties::default()
         });
         let publish = Publish::new(topic, qos, payload, properties);
+        let size = publish.size();
+        if self
+            .broker_max_packet
+            .is_some_and(|max| size > max as usize)
+        {
+            warn!(
+                "MQTT: not publishing {size} bytes to {topic}: over the broker's maximum packet size"
+            );
+            self.app
+                .metrics
+                .count("edgefaas_mqtt_publishes_refused_total", "");
+            return true;
+        }
         self.app.metrics.count("edgefaas_mqtt_publishes_total", "");
         if qos == QoS::AtMostOnce && self.conn.is_some() && self.queue.is_empty() {
             self.write(Packet::Publish(publish));
-            return;
+            return true;
         }
         let mut publish = publish;
         if qos == QoS::AtLeastOnce {
@@ -686,7 +873,7 @@ impl Session {
         let mut bytes = BytesMut::new();
         if let Err(e) = Packet::Publish(publish).write(&mut bytes, None) {
             warn!("MQTT: cannot encode a publish to {topic}: {e}");
-            return;
+            return true;
         }
         match self.spool.push(&bytes, self.conn.is_none()) {
             Ok((entry, dropped)) => {
@@ -699,15 +886,19 @@ impl Session {
                             .metrics
                             .count("edgefaas_mqtt_spool_dropped_total", "");
                     }
-                    let spool = &self.spool;
-                    self.queue.retain(|s| spool.contains(*s));
+                    let oldest = self.spool.front_seq();
+                    self.queue.retain(|s| *s >= oldest);
                 }
                 self.queue.push_back(entry.seq);
             }
-            Err(e) => warn!("MQTT: cannot spool a publish to {topic}: {e}"),
+            Err(e) => {
+                warn!("MQTT: cannot spool a publish to {topic}: {e}");
+                return false;
+            }
         }
         self.spooled.store(self.spool.len(), Ordering::Relaxed);
         self.pump();
+        true
     }
 
     /// Sends queued publishes while the broker's receive maximum allows.
@@ -771,10 +962,18 @@ impl Session {
         }
     }
 
-    /// The (filter, matching filter, function) of every function's `topic` settings.
-    fn wanted_routes(&self) -> Vec<(String, String, FunctionName)> {
+    /// The (filter, matching filter, function) of every function's `topic`
+    /// settings; None if the store cannot be listed.
+    fn wanted_routes(&self) -> Option<Vec<(String, String, FunctionName)>> {
         let mut routes = Vec::new();
-        for name in self.app.store.list().unwrap_or_default() {
+        let names = match self.app.store.list() {
+            Ok(names) => names,
+            Err(e) => {
+                warn!("MQTT: cannot list the functions ({e}); subscriptions unchanged");
+                return None;
+            }
+        };
+        for name in names {
             for filter in &self.app.store.settings(&name).topic {
                 // `$share/<group>/<filter>`: the broker splits; the filter is what matches.
                 let matching = filter
@@ -785,42 +984,132 @@ impl Session {
                 routes.push((filter.clone(), matching, name.clone()));
             }
         }
-        routes
+        Some(routes)
     }
 
-    /// Subscribes the new filters, unsubscribes the gone ones, and remembers them on disk.
+    /// Subscribes the new filters and unsubscribes the gone ones; each counts
+    /// (and is remembered on disk) once the broker confirmed it.
     fn sync_topics(&mut self) {
-        self.routes = self.wanted_routes();
+        match self.wanted_routes() {
+            Some(routes) => self.routes = routes,
+            // The store could not be listed (EMFILE...): keep the routes we have.
+            None => return,
+        }
         if self.conn.is_none() {
             return;
         }
         let wanted: BTreeSet<String> = self.routes.iter().map(|r| r.0.clone()).collect();
-        let new: Vec<String> = wanted.difference(&self.subscribed).cloned().collect();
-        let gone: Vec<String> = self.subscribed.difference(&wanted).cloned().collect();
-        for filter in &new {
+        let pending: BTreeSet<&String> = self.awaiting.values().map(|(_, f)| f).collect();
+        let new: Vec<String> = wanted
+            .difference(&self.subscribed)
+            .filter(|f| !pending.contains(f))
+            .cloned()
+            .collect();
+        let gone: Vec<String> = self
+            .subscribed
+            .difference(&wanted)
+            .filter(|f| !pending.contains(f))
+            .cloned()
+            .collect();
+        for filter in new {
             info!("MQTT: subscribing {filter}");
             let pkid = self.pkid();
-            let mut sub = Subscribe::new(Filter::new(filter.clone(), QoS::AtLeastOnce), None);
+            let mut f = Filter::new(filter.clone(), QoS::AtLeastOnce);
+            // Retained messages come with a new subscription only, not again at every restart.
+            f.retain_forward_rule = RetainForwardRule::OnNewSubscribe;
+            let properties = SubscribeProperties {
+                id: Some(subscription_id(&filter)),
+                user_properties: Vec::new(),
+            };
+            let mut sub = Subscribe::new(f, Some(properties));
             sub.pkid = pkid;
-            self.awaiting.insert(pkid);
+            self.awaiting.insert(pkid, (true, filter));
             self.write(Packet::Subscribe(sub));
         }
-        for filter in &gone {
+        for filter in gone {
             info!("MQTT: unsubscribing {filter}");
             let pkid = self.pkid();
             let mut unsub = Unsubscribe::new(filter.clone(), None);
             unsub.pkid = pkid;
-            self.awaiting.insert(pkid);
+            self.awaiting.insert(pkid, (false, filter));
             self.write(Packet::Unsubscribe(unsub));
         }
-        if self.conn.is_some() && (!new.is_empty() || !gone.is_empty()) {
-            self.subscribed = wanted;
-            let list: String = self.subscribed.iter().map(|f| format!("{f}\n")).collect();
-            let tmp = self.spool_dir.join(".subscriptions.tmp");
-            let _ = std::fs::write(&tmp, list)
-                .and_then(|()| std::fs::rename(&tmp, self.spool_dir.join("subscriptions")));
+    }
+
+    /// Writes the confirmed subscriptions to `.spool/subscriptions` (atomically):
+    /// the next start knows what to unsubscribe and what not to subscribe again.
+    fn save_subscriptions(&self) {
+        let list: String = self.subscribed.iter().map(|f| format!("{f}\n")).collect();
+        let tmp = self.spool_dir.join(".subscriptions.tmp");
+        let path = self.spool_dir.join("subscriptions");
+        let written = spool::private_file(&tmp)
+            .and_then(|mut f| {
+                use std::io::Write as _;
+                f.write_all(list.as_bytes())?;
+                f.sync_all()
+            })
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            warn!("MQTT: cannot write {}: {e}", path.display());
         }
     }
+}
+
+/// A filter's MQTT 5 subscription identifier (1..=268435455), stable across
+/// restarts: FNV-1a of the filter.
+fn subscription_id(filter: &str) -> usize {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in filter.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    (h % 0x0FFF_FFFF) as usize + 1
+}
+
+/// Whether `topic` matches `filter` (MQTT 4.7): `+` one level, `#` the rest
+/// (and the parent); a topic starting with `$` is not matched by a filter
+/// whose first level is a wildcard, but is by a literal one (`$aws/...`).
+pub fn topic_matches(topic: &str, filter: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut levels = topic.split('/');
+    for f in filter.split('/') {
+        if f == "#" {
+            return true;
+        }
+        match levels.next() {
+            Some(t) if f == "+" || f == t => {}
+            _ => return false,
+        }
+    }
+    levels.next().is_none()
+}
+
+/// Whether `topic` may be published to: not empty, no wildcard, no NUL, at most 65535 bytes.
+pub fn valid_topic(topic: &str) -> bool {
+    !topic.is_empty() && topic.len() <= 65_535 && !topic.contains(['+', '#', '\0'])
+}
+
+/// Whether `filter` may be subscribed: `+` and `#` only as whole levels, `#`
+/// last; `$share/<group>/<filter>` with a group without `/`, `+` or `#`.
+pub fn valid_filter(filter: &str) -> bool {
+    let plain = match filter.strip_prefix("$share/") {
+        Some(rest) => match rest.split_once('/') {
+            Some((group, f)) if !group.is_empty() && !group.contains(['+', '#']) => f,
+            _ => return false,
+        },
+        None => filter,
+    };
+    if plain.is_empty() || plain.len() > 65_535 || plain.contains('\0') {
+        return false;
+    }
+    let levels: Vec<&str> = plain.split('/').collect();
+    levels.iter().enumerate().all(|(i, l)| match *l {
+        "#" => i == levels.len() - 1,
+        "+" => true,
+        l => !l.contains(['+', '#']),
+    })
 }
 
 trait MaxOne {
@@ -845,4 +1134,61 @@ pub fn hostname() -> String {
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "node".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_match_filters() {
+        for (topic, filter, want) in [
+            ("a/b", "a/b", true),
+            ("a/b", "a/+", true),
+            ("a/b", "a/#", true),
+            ("a", "a/#", true),
+            ("a/b/c", "a/+", false),
+            ("a/b", "a/b/c", false),
+            ("a/b/c", "+/+/+", true),
+            ("$SYS/x", "$SYS/x", true),
+            ("$SYS/x", "$SYS/+", true),
+            ("$SYS/x", "+/x", false),
+            ("$SYS/x", "#", false),
+            ("a//b", "a/+/b", true),
+        ] {
+            assert_eq!(topic_matches(topic, filter), want, "{topic} vs {filter}");
+        }
+    }
+
+    #[test]
+    fn filters_and_topics_are_checked() {
+        for good in ["a/#", "+/b", "#", "$share/g/a/+", "$SYS/#", "a//b"] {
+            assert!(valid_filter(good), "{good}");
+        }
+        for bad in [
+            "",
+            "a/#/b",
+            "a#",
+            "a/b+",
+            "$share/g",
+            "$share//a",
+            "$share/g+/a",
+            "$share/g/",
+            "a\0b",
+        ] {
+            assert!(!valid_filter(bad), "{bad:?}");
+        }
+        assert!(valid_topic("a/b") && valid_topic("$aws/x"));
+        assert!(!valid_topic("") && !valid_topic("x/#") && !valid_topic("+"));
+    }
+
+    #[test]
+    fn subscription_ids_are_stable_and_in_range() {
+        let a = subscription_id("a/#");
+        assert_eq!(a, subscription_id("a/#"));
+        assert_ne!(a, subscription_id("a/+"));
+        for f in ["", "a", "$share/g/x", &"x".repeat(1000)] {
+            assert!((1..=0x0FFF_FFFF).contains(&subscription_id(f)));
+        }
+    }
 }

@@ -45,9 +45,11 @@ impl Spool {
                         size,
                     });
                 }
-                None => {
+                // Half-written files go; anything else (the subscriptions list) stays.
+                None if name.starts_with('.') && name.ends_with(".tmp") => {
                     let _ = fs::remove_file(e.path());
                 }
+                None => {}
             }
         }
         entries.sort_by_key(|e| e.seq);
@@ -79,7 +81,7 @@ impl Spool {
         let path = self.dir.join(format!("{seq:020}.pub"));
         let tmp = self.dir.join(format!(".{seq:020}.tmp"));
         let written = (|| -> std::io::Result<()> {
-            let mut f = fs::File::create(&tmp)?;
+            let mut f = private_file(&tmp)?;
             f.write_all(packet)?;
             if durable {
                 f.sync_all()?;
@@ -122,10 +124,22 @@ impl Spool {
         }
     }
 
-    /// Whether `seq` is still spooled (not dropped).
-    pub fn contains(&self, seq: u64) -> bool {
-        self.entries.iter().any(|e| e.seq == seq)
+    /// The oldest sequence number still spooled (the spool drops from the front).
+    pub fn front_seq(&self) -> u64 {
+        self.entries.front().map_or(self.next, |e| e.seq)
     }
+}
+
+/// Creates `path` readable by the daemon's user only: spooled replies and
+/// queued calls carry payloads and request headers.
+pub fn private_file(path: &Path) -> std::io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
 }
 
 #[cfg(test)]
@@ -145,6 +159,7 @@ mod tests {
         assert_eq!(seqs, vec![2, 3]);
         s.remove(2);
         fs::write(dir.join(".00000000000000000009.tmp"), b"half").unwrap();
+        fs::write(dir.join("subscriptions"), b"a/#\n").unwrap();
         let s = Spool::open(&dir, 25).unwrap();
         assert_eq!(s.entries().map(|e| e.seq).collect::<Vec<_>>(), vec![3]);
         assert_eq!(
@@ -152,6 +167,16 @@ mod tests {
             [3u8; 10]
         );
         assert!(!dir.join(".00000000000000000009.tmp").exists());
+        assert!(
+            dir.join("subscriptions").exists(),
+            "the subscriptions list is kept"
+        );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(&s.entries().next().unwrap().path)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "spooled publishes are private");
         let _ = fs::remove_dir_all(&dir);
     }
 }

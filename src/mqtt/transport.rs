@@ -192,7 +192,18 @@ impl Transport {
         match self {
             Transport::Plain(s) => s.write_all(data),
             Transport::Tls(conn, s) => {
-                conn.writer().write_all(data)?;
+                // rustls buffers at most 64 KiB of plaintext: write it out as it fills.
+                let mut data = data;
+                while !data.is_empty() {
+                    let n = conn.writer().write(data)?;
+                    data = &data[n..];
+                    while conn.wants_write() {
+                        conn.write_tls(s)?;
+                    }
+                    if n == 0 && !conn.wants_write() {
+                        return Err(io::ErrorKind::WriteZero.into());
+                    }
+                }
                 while conn.wants_write() {
                     conn.write_tls(s)?;
                 }

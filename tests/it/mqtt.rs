@@ -591,6 +591,18 @@ fn tls_with_a_ca_of_our_own() {
         replies.wait(1, Duration::from_secs(10)),
         ["out/temp|got 30 on sensors/attic/temp qos 1|"]
     );
+    // A reply larger than what rustls buffers at once (64 KiB) goes through whole.
+    d.upload(
+        "big",
+        "# edgefaas: topic=big/in reply=out/big\ndef handle(req):\n    return {'body': 'x' * 200000}\n",
+    );
+    subscribed(&d, "big/in");
+    let big = broker.subscribe("t7b", "out/big");
+    broker.publish("big/in", "go", &[]);
+    let got = big.wait(1, Duration::from_secs(10));
+    assert_eq!(got.len(), 1, "{}", d.log());
+    assert_eq!(got[0], format!("out/big|{}|", "x".repeat(200_000)));
+    assert!(!d.log().contains("connection lost"), "{}", d.log());
     // Without the CA the daemon does not trust the broker, and says why.
     let mut env = broker.env("node-h");
     env.retain(|(k, _)| k != "EDGEFAAS_MQTT_CA");
@@ -630,4 +642,95 @@ fn a_bad_mqtt_setting_stops_start_up() {
         assert!(err.contains(var), "{err}");
     }
     let _: Option<PathBuf> = None;
+}
+
+#[test]
+fn overlapping_filters_and_dollar_topics_run_each_function_once() {
+    let Some(broker) = Broker::start(false) else {
+        return;
+    };
+    let d = daemon(&broker, "node-i", &[]);
+    let fun = |topics: &str, tag: &str| {
+        format!(
+            "# edgefaas: {topics} reply=out/{tag}\ndef handle(req):\n    return {{'body': '{tag} ' + req}}\n"
+        )
+    };
+    // One function on two overlapping filters, one on a shared subscription next
+    // to a plain one on the same node, and one on a `$` topic.
+    d.upload("both", &fun("topic=a/+ topic=a/#", "both"));
+    d.upload("shared", &fun("topic=$share/g/a/b", "shared"));
+    d.upload("plain", &fun("topic=a/b", "plain"));
+    d.upload("dollar", &fun("topic=$app/in", "dollar"));
+    for f in ["a/+", "a/#", "$share/g/a/b", "a/b", "$app/in"] {
+        subscribed(&d, f);
+    }
+    let replies = broker.subscribe("t8", "out/#");
+    broker.publish("a/b", "one", &[]);
+    broker.publish("$app/in", "two", &[]);
+    replies.wait(4, Duration::from_secs(10));
+    // Any extra copies would come right behind.
+    std::thread::sleep(Duration::from_secs(1));
+    let mut got = replies.lines();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "out/both|both one|",
+            "out/dollar|dollar two|",
+            "out/plain|plain one|",
+            "out/shared|shared one|"
+        ],
+        "{}",
+        d.log()
+    );
+    // A filter the broker would refuse is refused at install, naming the setting.
+    let r = d.req(
+        "PUT",
+        "/mgmt/bad?topic=a%2F%23%2Fb",
+        b"def handle(req):\n    return req\n",
+    );
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.text().contains("topic"), "{r:?}");
+}
+
+#[test]
+fn a_poison_reply_and_a_busy_node_do_not_lose_messages_or_the_session() {
+    let Some(broker) = Broker::start(false) else {
+        return;
+    };
+    let d = daemon(
+        &broker,
+        "node-j",
+        &[
+            ("EDGEFAAS_QUEUE_TIMEOUT", "1"),
+            ("EDGEFAAS_MQTT_RETRIES", "1"),
+        ],
+    );
+    d.upload(
+        "slow",
+        "# edgefaas: topic=busy/in reply=out/busy concurrency=1\nimport time\ndef handle(req):\n    time.sleep(0.4)\n    return {'body': req}\n",
+    );
+    subscribed(&d, "busy/in");
+    let replies = broker.subscribe("t9", "out/#");
+    let dead = broker.subscribe("t9d", "edgefaas/node-j/dead/#");
+    // A response topic the broker would refuse (a wildcard): not published, no reconnect loop.
+    broker.publish("busy/in", "p0", &["-D", "publish", "response-topic", "x/#"]);
+    // Ten messages for a function that takes one at a time, with a 1 s queue
+    // timeout: the node is busy, the function never fails, so none is dead-lettered.
+    for i in 1..=10 {
+        broker.publish("busy/in", &format!("p{i}"), &[]);
+    }
+    let got = replies.wait(10, Duration::from_secs(30));
+    let mut got: Vec<String> = got.into_iter().collect();
+    got.sort();
+    got.dedup();
+    assert_eq!(got.len(), 10, "{got:?}\n{}", d.log());
+    assert!(dead.lines().is_empty(), "dead-lettered: {:?}", dead.lines());
+    let metrics = d.req("GET", "/_/metrics", b"").text();
+    assert!(
+        metrics.contains("edgefaas_mqtt_connects_total 1"),
+        "{metrics}\n{}",
+        d.log()
+    );
+    assert!(d.log().contains("not a valid topic name"), "{}", d.log());
 }
