@@ -26,6 +26,11 @@ use crate::name::FunctionName;
 
 /// Callback attempts (1 s, then 2 s, then 4 s apart).
 const CALLBACK_TRIES: u32 = 4;
+/// Threads that make callbacks: a callback URL that never answers holds one
+/// of them (for at most its tries), never a run slot or the dispatcher.
+const CALLBACK_THREADS: usize = 4;
+/// A call the invocation lane had no room for waits this long before it is offered again.
+const BUSY_RETRY: Duration = Duration::from_millis(200);
 
 /// A queued call's header line (the body follows it in the file).
 #[derive(Serialize, Deserialize)]
@@ -40,12 +45,19 @@ struct Header {
 struct State {
     /// Calls waiting to run, oldest first.
     pending: VecDeque<PathBuf>,
-    /// Calls running or calling back.
+    /// Calls running.
     running: usize,
+    /// Calls that ran, waiting for a callback thread, oldest first.
+    callbacks: VecDeque<(PathBuf, Header, Answer)>,
+    /// Calls in `callbacks` or being called back.
+    calling: usize,
+    /// The lane was full: nothing is dispatched before this.
+    hold_until: Option<Instant>,
     stopped: bool,
 }
 
-/// The queue and its two threads (dispatch, and finishing: callbacks and removal).
+/// The queue and its threads: the dispatcher, the finisher (each call's end),
+/// and the callback threads.
 pub struct AsyncQueue {
     dir: PathBuf,
     max_calls: usize,
@@ -109,10 +121,10 @@ impl AsyncQueue {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Calls queued or running.
+    /// Calls on disk: queued, running or calling back.
     pub fn depth(&self) -> usize {
         let s = self.lock();
-        s.pending.len() + s.running
+        s.pending.len() + s.running + s.calling
     }
 
     /// Writes a call to the queue; its id. A full queue is 429; a bad callback URL 400.
@@ -151,7 +163,8 @@ impl AsyncQueue {
         let path = self.dir.join(format!("{serial:020}-{id}.call"));
         let tmp = self.dir.join(format!(".{id}.tmp"));
         let written = (|| -> std::io::Result<()> {
-            let mut f = fs::File::create(&tmp)?;
+            // Private: the file holds the request's headers and the callback URL.
+            let mut f = crate::mqtt::private_file(&tmp)?;
             f.write_all(&bytes)?;
             f.sync_all()?;
             fs::rename(&tmp, &path)?;
@@ -172,7 +185,7 @@ impl AsyncQueue {
         self.wake.notify_all();
     }
 
-    /// Starts the dispatcher and the finisher.
+    /// Starts the dispatcher, the finisher and the callback threads.
     pub fn start(app: &Arc<App>) -> std::io::Result<()> {
         let (done_tx, done_rx) =
             mpsc::channel::<(PathBuf, Header, std::result::Result<Answer, Refused>)>();
@@ -188,6 +201,12 @@ impl AsyncQueue {
                     finish(&finish_app, path, header, result);
                 }
             })?;
+        for _ in 0..CALLBACK_THREADS {
+            let app = app.clone();
+            std::thread::Builder::new()
+                .name("async-callback".into())
+                .spawn(move || call_back(&app))?;
+        }
         Ok(())
     }
 }
@@ -205,13 +224,23 @@ fn dispatch(
                 if s.stopped {
                     return;
                 }
-                if s.running < q.max_running {
+                let held = s.hold_until.filter(|t| *t > Instant::now());
+                if held.is_none() && s.running < q.max_running {
                     if let Some(p) = s.pending.pop_front() {
                         s.running += 1;
                         break p;
                     }
                 }
-                s = q.wake.wait(s).unwrap_or_else(|p| p.into_inner());
+                s = match held {
+                    Some(t) => {
+                        let left = t.saturating_duration_since(Instant::now());
+                        q.wake
+                            .wait_timeout(s, left)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0
+                    }
+                    None => q.wake.wait(s).unwrap_or_else(|p| p.into_inner()),
+                };
             }
         };
         let read = fs::read(&path).ok().and_then(|bytes| {
@@ -249,7 +278,8 @@ fn dispatch(
     }
 }
 
-/// After a call ran: its callback (retried with backoff), then its file goes.
+/// A call's run ended: its slot is free at once; its file goes now, or after
+/// its callback (on a callback thread).
 fn finish(
     app: &Arc<App>,
     path: PathBuf,
@@ -257,66 +287,110 @@ fn finish(
     result: std::result::Result<Answer, Refused>,
 ) {
     let q = &app.asyncq;
-    let answer = match result {
-        Ok(a) => a,
-        Err(Refused::ShuttingDown) => {
-            // Stays on disk: the next start runs it.
-            q.lock().running -= 1;
-            return;
-        }
-        Err(why) => {
-            // No slot for now (the invocation queue was full): try again shortly.
-            let _ = why;
-            std::thread::sleep(Duration::from_millis(200));
-            let mut s = q.lock();
-            s.running -= 1;
+    let mut s = q.lock();
+    s.running -= 1;
+    match result {
+        // Stays on disk: the next start runs it.
+        Err(Refused::ShuttingDown) => {}
+        // No slot for now (the invocation queue was full): offered again shortly.
+        Err(Refused::Full | Refused::TimedOut) => {
             s.pending.push_front(path);
-            drop(s);
-            q.wake.notify_all();
-            return;
+            s.hold_until = Some(Instant::now() + BUSY_RETRY);
         }
-    };
-    app.metrics.async_done(&header.name, answer.status);
-    if let Some(url) = &header.callback {
-        let mut delay = Duration::from_secs(1);
-        for attempt in 1..=CALLBACK_TRIES {
-            let started = Instant::now();
-            let content_type = answer
-                .headers
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
-                .map_or("text/plain; charset=utf-8", |(_, v)| v.as_str());
-            let sent = q
-                .agent
-                .post(url)
-                .header("X-Call-Id", &header.id)
-                .header("X-Function-Status", answer.status.to_string())
-                .header("X-Function-Name", &header.name)
-                .header("Content-Type", content_type)
-                .send(&answer.body[..]);
-            match sent {
-                Ok(r) if r.status().is_success() => break,
-                Ok(r) => warn!(
-                    "callback for async call {} to {url}: HTTP {} (attempt {attempt})",
-                    header.id,
-                    r.status().as_u16()
-                ),
-                Err(e) => warn!(
-                    "callback for async call {} to {url}: {e} (attempt {attempt})",
-                    header.id
-                ),
+        Ok(answer) => {
+            app.metrics.async_done(&header.name, answer.status);
+            if header.callback.is_some() {
+                s.calling += 1;
+                s.callbacks.push_back((path, header, answer));
+            } else {
+                let _ = fs::remove_file(&path);
             }
-            if attempt == CALLBACK_TRIES {
-                app.metrics.callback_failed();
-                break;
-            }
-            std::thread::sleep(delay.saturating_sub(started.elapsed().min(delay)));
-            delay *= 2;
         }
     }
-    let _ = fs::remove_file(&path);
-    q.lock().running -= 1;
+    drop(s);
     q.wake.notify_all();
+}
+
+/// A callback thread: POSTs each result to its callback URL (retried with
+/// backoff), then removes the call's file.
+fn call_back(app: &Arc<App>) {
+    let q = &app.asyncq;
+    loop {
+        let (path, header, answer) = {
+            let mut s = q.lock();
+            loop {
+                if s.stopped {
+                    // What was not called back stays on disk and runs again next start.
+                    return;
+                }
+                if let Some(c) = s.callbacks.pop_front() {
+                    break c;
+                }
+                s = q.wake.wait(s).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        if let Some(url) = &header.callback {
+            post_result(app, url, &header, &answer);
+        }
+        let _ = fs::remove_file(&path);
+        q.lock().calling -= 1;
+        q.wake.notify_all();
+    }
+}
+
+fn post_result(app: &App, url: &str, header: &Header, answer: &Answer) {
+    let q = &app.asyncq;
+    // Logged as scheme://host:port: webhook URLs carry their secret in the path or query.
+    let shown = origin(url);
+    let mut delay = Duration::from_secs(1);
+    for attempt in 1..=CALLBACK_TRIES {
+        let started = Instant::now();
+        let content_type = answer
+            .headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+            .map_or("text/plain; charset=utf-8", |(_, v)| v.as_str());
+        let sent = q
+            .agent
+            .post(url)
+            .header("X-Call-Id", &header.id)
+            .header("X-Function-Status", answer.status.to_string())
+            .header("X-Function-Name", &header.name)
+            .header("Content-Type", content_type)
+            .send(&answer.body[..]);
+        match sent {
+            Ok(r) if r.status().is_success() => return,
+            Ok(r) => warn!(
+                "callback for async call {} to {shown}: HTTP {} (attempt {attempt})",
+                header.id,
+                r.status().as_u16()
+            ),
+            Err(e) => warn!(
+                "callback for async call {} to {shown}: {} (attempt {attempt})",
+                header.id,
+                e.to_string().replace(url, &shown)
+            ),
+        }
+        if attempt == CALLBACK_TRIES {
+            app.metrics.callback_failed();
+            return;
+        }
+        std::thread::sleep(delay.saturating_sub(started.elapsed().min(delay)));
+        delay *= 2;
+    }
+}
+
+/// `scheme://host:port` of a URL, for logs.
+fn origin(url: &str) -> String {
+    match url.parse::<ureq::http::Uri>() {
+        Ok(u) => format!(
+            "{}://{}{}",
+            u.scheme_str().unwrap_or("http"),
+            u.host().unwrap_or("?"),
+            u.port_u16().map(|p| format!(":{p}")).unwrap_or_default()
+        ),
+        Err(_) => "(a callback URL)".into(),
+    }
 }
 
 /// 16 random hex digits.

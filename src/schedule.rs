@@ -126,6 +126,13 @@ pub fn next_after(cron: &Cron, now: i64, tz: &'static TimeZone) -> Option<i64> {
         .map(|z| z.t)
 }
 
+/// Whether `cron` names any time at all (`0 0 30 2 *` never comes): checked at install.
+pub fn ever_fires(cron: &Cron) -> bool {
+    static UTC: std::sync::OnceLock<TimeZone> = std::sync::OnceLock::new();
+    let utc: &'static TimeZone = UTC.get_or_init(TimeZone::utc);
+    next_after(cron, now_secs(), utc).is_some()
+}
+
 fn now_secs() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -161,10 +168,14 @@ fn run(app: &Arc<App>, tz: &'static TimeZone) {
             }
             match parse(&expr) {
                 Ok(cron) => {
-                    if let Some(next) = next_after(&cron, now, tz) {
+                    // Planned even when it never comes, so it is not searched again each second.
+                    let next = next_after(&cron, now, tz).unwrap_or(i64::MAX);
+                    if next == i64::MAX {
+                        warn!("{name}: schedule {expr:?} never comes");
+                    } else {
                         info!("{name} runs on schedule {expr:?}; next at unix {next}");
-                        planned.insert(name, (expr, cron, next));
                     }
+                    planned.insert(name, (expr, cron, next));
                 }
                 Err(e) => warn!("{name}: schedule {expr:?} cannot be read: {e}"),
             }
@@ -172,6 +183,12 @@ fn run(app: &Arc<App>, tz: &'static TimeZone) {
         planned.retain(|name, _| seen.contains(name));
         for (name, (_, cron, next)) in planned.iter_mut() {
             if *next > now {
+                // A clock stepped back (NTP after a cold boot) brings the next time nearer.
+                if *next != i64::MAX && *next - now > 60 {
+                    if let Some(fresh) = next_after(cron, now, tz) {
+                        *next = (*next).min(fresh);
+                    }
+                }
                 continue;
             }
             // No catch-up: the next run is the first due after now.

@@ -132,13 +132,20 @@ fn change(key: &str, value: &str) -> Result<Change> {
         "schedule" => Change::Schedule(if empty {
             None
         } else {
-            crate::schedule::parse(value).map_err(|_| {
+            let cron = crate::schedule::parse(value).map_err(|_| {
                 bad(
                     key,
                     "a 5-field cron expression (or 6, seconds first)",
                     value,
                 )
             })?;
+            if !crate::schedule::ever_fires(&cron) {
+                return Err(bad(
+                    key,
+                    "a cron expression that names a time that comes",
+                    value,
+                ));
+            }
             Some(value.split_whitespace().collect::<Vec<_>>().join(" "))
         }),
         other => {
@@ -191,13 +198,16 @@ fn check_env_key(k: &str) -> Result<()> {
 
 /// An MQTT topic (or, for `topic`, a filter: `+` and `#` allowed, `$share/<group>/…`).
 fn check_topic(key: &str, value: &str, filter: bool) -> Result<String> {
-    let ok = !value.is_empty()
-        && value.len() <= 1024
-        && !value.chars().any(|c| c == '\0' || c.is_control())
-        && (filter || !value.contains(['+', '#']));
+    let ok = value.len() <= 1024
+        && !value.chars().any(char::is_control)
+        && if filter {
+            crate::mqtt::valid_filter(value)
+        } else {
+            crate::mqtt::valid_topic(value)
+        };
     if !ok {
         let what = if filter {
-            "an MQTT topic filter"
+            "an MQTT topic filter (+ and # only as whole levels, # last; $share/<group>/<filter>)"
         } else {
             "an MQTT topic without + or #"
         };
@@ -404,6 +414,11 @@ mod tests {
             ("color=red", "color"),
             ("reply=a/%2B", "reply"),
             ("schedule=*+*", "schedule"),
+            ("schedule=0 0 30 2 *", "schedule"),
+            ("topic=a/%23/b", "topic"),
+            ("topic=a%2Bb", "topic"),
+            ("topic=$share/g", "topic"),
+            ("topic=$share//a", "topic"),
         ] {
             let e = Settings::for_install(None, b"", q).unwrap_err();
             assert_eq!(e.status(), 400, "{q}");

@@ -212,3 +212,41 @@ fn logs_need_the_token_like_the_rest_of_mgmt() {
     );
     assert_eq!(r.status, 200, "{r:?}");
 }
+
+#[test]
+fn a_callback_that_never_answers_does_not_hold_up_other_calls() {
+    // A listener that accepts and never answers: each callback to it takes its tries.
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hole_url = format!(
+        "http://user:hunter2@{}/hook?token=s3cr3t",
+        hole.local_addr().unwrap()
+    );
+    let d = Daemon::start(&[("EDGEFAAS_FETCH_TIMEOUT", "20")]);
+    let marker = crate::support::Marker::new();
+    d.upload("echoer", "def handle(req):\n    return req\n");
+    d.upload(
+        "mark",
+        &format!(
+            "def handle(req):\n    {}\n    return 'ok'\n",
+            marker.send("'ran'")
+        ),
+    );
+    for _ in 0..6 {
+        let r = d.req_h(
+            "POST",
+            "/async/echoer",
+            &[("X-Callback-Url", &hole_url)],
+            b"x",
+        );
+        assert_eq!(r.status, 202, "{r:?}");
+    }
+    let t = Instant::now();
+    assert_eq!(d.req("POST", "/async/mark", b"").status, 202);
+    marker.wait();
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    // The callback URL's secrets are never logged.
+    std::thread::sleep(Duration::from_millis(500));
+    let log = d.log();
+    assert!(!log.contains("hunter2") && !log.contains("s3cr3t"), "{log}");
+    drop(hole);
+}
