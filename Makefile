@@ -6,7 +6,7 @@
 #   make install                  this machine's build as a systemd service (scripts/install, as root)
 #   make image ARCH=arm           image edgefaas:<commit> (docker buildx, else podman)
 #   make push REGISTRY=reg.example:5000   multi-arch image tagged <commit> and <branch>, pushed
-#   make test-arm / test-armv6    integration tests against the ARM binaries under qemu-arm-static
+#   make test-arm / test-armv6 / test-arm64   integration tests against the ARM binaries under qemu-user
 #   make bench / make soak / make lint
 PYTHON ?= $(shell [ -x /usr/bin/python3 ] && echo /usr/bin/python3 || echo python3)
 ARCH ?= amd64
@@ -18,7 +18,7 @@ BRANCH := $(shell git rev-parse --abbrev-ref HEAD 2>/dev/null | tr '/' '-' || ec
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
 
 
-.PHONY: run test lint build dist install image push test-arm test-armv6 bench soak
+.PHONY: run test lint build dist install image push test-arm test-armv6 test-arm64 bench soak
 # The same as `cargo run --release`: EDGEFAAS_PYTHON picks the interpreter.
 run:
 	cargo run --release
@@ -69,3 +69,9 @@ test-armv6:
 	scripts/build armv6
 	EDGEFAAS_BIN=$(CURDIR)/target/arm-unknown-linux-musleabihf/release/edgefaas \
 	  EDGEFAAS_BIN_RUNNER="qemu-arm-static -cpu arm1176" cargo test --test it --test it_exec
+
+# 64-bit Raspberry Pi OS (Pi 3, 4, 5, Zero 2).
+test-arm64:
+	scripts/build arm64
+	EDGEFAAS_BIN=$(CURDIR)/target/aarch64-unknown-linux-musl/release/edgefaas \
+	  EDGEFAAS_BIN_RUNNER=qemu-aarch64-static cargo test --test it --test it_exec

@@ -875,8 +875,14 @@ const DENIED: &[libc::c_long] = &[
     #[cfg(target_arch = "x86_64")]
     libc::SYS_modify_ldt,
     #[cfg(not(target_arch = "arm"))]
-    libc::SYS_kexec_file_load,
+    KEXEC_FILE_LOAD,
 ];
+
+/// kexec_file_load (libc names it for musl on x86_64 only).
+#[cfg(target_arch = "x86_64")]
+const KEXEC_FILE_LOAD: libc::c_long = 320;
+#[cfg(target_arch = "aarch64")]
+const KEXEC_FILE_LOAD: libc::c_long = 294;
 
 /// setxattrat and removexattrat (Linux 6.13), the same numbers on every architecture.
 const SETXATTRAT: libc::c_long = 463;
