@@ -29,6 +29,9 @@ const CALLBACK_TRIES: u32 = 4;
 /// Threads that make callbacks: a callback URL that never answers holds one
 /// of them (for at most its tries), never a run slot or the dispatcher.
 const CALLBACK_THREADS: usize = 4;
+/// Results held in memory for a callback thread at most (each up to
+/// `EDGEFAAS_MAX_OUTPUT`): past it no more calls start until callbacks catch up.
+const CALLBACK_BACKLOG: usize = 8;
 /// A call the invocation lane had no room for waits this long before it is offered again.
 const BUSY_RETRY: Duration = Duration::from_millis(200);
 
@@ -225,7 +228,10 @@ fn dispatch(
                     return;
                 }
                 let held = s.hold_until.filter(|t| *t > Instant::now());
-                if held.is_none() && s.running < q.max_running {
+                if held.is_none()
+                    && s.running < q.max_running
+                    && s.callbacks.len() < CALLBACK_BACKLOG
+                {
                     if let Some(p) = s.pending.pop_front() {
                         s.running += 1;
                         break p;
@@ -324,6 +330,8 @@ fn call_back(app: &Arc<App>) {
                     return;
                 }
                 if let Some(c) = s.callbacks.pop_front() {
+                    // Room in the backlog: the dispatcher may start another call.
+                    q.wake.notify_all();
                     break c;
                 }
                 s = q.wake.wait(s).unwrap_or_else(|p| p.into_inner());

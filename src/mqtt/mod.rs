@@ -60,6 +60,10 @@ pub struct Settings {
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
 const SESSION_EXPIRY: u32 = 24 * 3600;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// The first line of `.spool/subscriptions`.
+const SUBSCRIPTIONS_HEADER: &str = "# edgefaas MQTT subscriptions, with identifiers";
+/// Connections in a row that fell at once with the same publish in flight: it is set aside.
+const POISON_STRIKES: u32 = 5;
 /// A connection up this long resets the reconnect backoff.
 const STABLE: Duration = Duration::from_secs(10);
 /// Messages in progress at most; past it QoS 0 messages are dropped (and
@@ -102,8 +106,15 @@ impl Mqtt {
         let dir = app.store.dir().join(".spool");
         let spool = spool::Spool::open(&dir, settings.spool_bytes)
             .map_err(|e| format!("cannot open the MQTT spool {}: {e}", dir.display()))?;
+        // A list from a release that subscribed without identifiers is not
+        // trusted: everything is subscribed once more, with them.
         let subscribed = std::fs::read_to_string(dir.join("subscriptions"))
-            .map(|t| t.lines().map(str::to_string).collect())
+            .ok()
+            .and_then(|t| {
+                let mut lines = t.lines();
+                (lines.next() == Some(SUBSCRIPTIONS_HEADER))
+                    .then(|| lines.map(str::to_string).collect())
+            })
             .unwrap_or_default();
         let (wake_r, wake_w) = rustix::pipe::pipe_with(
             rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
@@ -144,6 +155,8 @@ impl Mqtt {
             last_sent: Instant::now(),
             last_heard: Instant::now(),
             connected_at: Instant::now(),
+            suspect: None,
+            spool_failed: false,
             broker_max_packet: None,
             backoff: Duration::from_millis(250),
             next_connect: Instant::now(),
@@ -235,6 +248,11 @@ struct Session {
     last_sent: Instant,
     last_heard: Instant,
     connected_at: Instant,
+    /// A reply could not be spooled: its message stays unacknowledged and
+    /// holds one of the broker's receive-maximum slots until a reconnect.
+    spool_failed: bool,
+    /// The oldest publish in flight when short connections fell, and how many times.
+    suspect: Option<(u64, u32)>,
     /// The broker's maximum packet size (CONNACK), if it said.
     broker_max_packet: Option<u32>,
     backoff: Duration,
@@ -442,6 +460,31 @@ impl Session {
         // once (a broker refusing something we send) backs off further each time.
         if self.connected_at.elapsed() >= STABLE {
             self.backoff = Duration::from_millis(250);
+            self.suspect = None;
+        } else if let Some(&front) = self.inflight.values().min() {
+            // The oldest publish in flight when connection after connection fell
+            // at once is likely what the broker refuses (the ones before it get
+            // acknowledged meanwhile): after POISON_STRIKES it is set aside.
+            let strikes = match self.suspect {
+                Some((seq, n)) if seq == front => n + 1,
+                _ => 1,
+            };
+            self.suspect = Some((front, strikes));
+            if strikes >= POISON_STRIKES {
+                match self.spool.set_aside(front) {
+                    Ok(path) => log::error!(
+                        "MQTT: the broker dropped the connection {strikes} times in a row with this \
+                         publish in flight; set aside as {}",
+                        path.display()
+                    ),
+                    Err(e) => warn!("MQTT: cannot set aside a spooled publish: {e}"),
+                }
+                self.app
+                    .metrics
+                    .count("edgefaas_mqtt_publishes_refused_total", "");
+                self.spooled.store(self.spool.len(), Ordering::Relaxed);
+                self.suspect = None;
+            }
         }
         // Nothing more will be confirmed on this connection.
         self.awaiting.clear();
@@ -553,15 +596,16 @@ impl Session {
             }
             Packet::Disconnect(d) => {
                 let why = format!("{:?}", d.reason_code);
+                self.lost(&format!("the broker disconnected: {why}"));
                 if why.contains("SessionTakenOver") {
                     log::error!(
                         "MQTT: another client connected as {} and took this session; \
                          give each node its own EDGEFAAS_MQTT_CLIENT_ID",
                         self.settings.client_id
                     );
+                    self.next_connect = Instant::now() + MAX_BACKOFF;
                     self.backoff = MAX_BACKOFF;
                 }
-                self.lost(&format!("the broker disconnected: {why}"));
             }
             Packet::PingResp(_) => {}
             other => debug!("MQTT: ignoring {other:?}"),
@@ -571,6 +615,11 @@ impl Session {
     /// The broker confirmed an (un)subscription; those waiting for all of them learn it.
     fn confirmed(&mut self, pkid: u16) {
         self.awaiting.remove(&pkid);
+        if self.awaiting.is_empty() {
+            // Installs and deletes that came while these were pending were
+            // skipped for their filters: catch up with the store now.
+            self.sync_topics();
+        }
         if self.awaiting.is_empty() {
             for w in self.waiters.drain(..) {
                 let _ = w.send(());
@@ -644,21 +693,27 @@ impl Session {
     /// The functions a delivered copy of a message on `topic` runs. The broker
     /// sends one copy per matching subscription, each carrying its
     /// subscription identifiers: a function runs on the copy of the lowest
-    /// identifier among its own filters that match, so overlapping filters
-    /// (`a/+` and `a/#`, or `$share/g/x` next to `x`) run each function once.
-    /// A broker without identifiers: every function whose filter matches.
+    /// identifier among its own confirmed filters that match, so overlapping
+    /// filters (`a/+` and `a/#`, or `$share/g/x` next to `x`) run it once.
+    /// A function none of whose matching filters is confirmed yet (a topic
+    /// change in flight, a refused filter) runs on any copy, and a broker
+    /// without identifiers runs every function whose filter matches: at least
+    /// once rather than never.
     fn route(&self, topic: &str, ids: &[usize]) -> Vec<FunctionName> {
-        let mut lowest: HashMap<&FunctionName, usize> = HashMap::new();
+        // Function -> lowest identifier of its matching confirmed filters (None: none confirmed).
+        let mut lowest: HashMap<&FunctionName, Option<usize>> = HashMap::new();
         for (filter, matching, f) in &self.routes {
             if topic_matches(topic, matching) {
-                let id = subscription_id(filter);
-                let e = lowest.entry(f).or_insert(id);
-                *e = (*e).min(id);
+                let e = lowest.entry(f).or_insert(None);
+                if self.subscribed.contains(filter) {
+                    let id = subscription_id(filter);
+                    *e = Some(e.map_or(id, |l| l.min(id)));
+                }
             }
         }
         let mut functions: Vec<FunctionName> = lowest
             .into_iter()
-            .filter(|(_, id)| ids.is_empty() || ids.contains(id))
+            .filter(|(_, id)| ids.is_empty() || id.is_none_or(|id| ids.contains(&id)))
             .map(|(f, _)| f.clone())
             .collect();
         functions.sort();
@@ -812,6 +867,10 @@ impl Session {
                 }
             }
         }
+        if std::mem::take(&mut self.spool_failed) && self.conn.is_some() {
+            // Reconnecting frees the slot and brings the message again (a resumed session).
+            self.lost(&"a reply could not be spooled; its message comes again");
+        }
     }
 
     /// Acknowledges a QoS 1 message now, or on the next connection if it resumes the session.
@@ -847,7 +906,10 @@ impl Session {
             correlation_data: Some(c),
             ..PublishProperties::default()
         });
-        let publish = Publish::new(topic, qos, payload, properties);
+        let mut publish = Publish::new(topic, qos, payload, properties);
+        if qos == QoS::AtLeastOnce {
+            publish.pkid = 1; // a placeholder (counted in the size): each send gets its own id
+        }
         let size = publish.size();
         if self
             .broker_max_packet
@@ -865,10 +927,6 @@ impl Session {
         if qos == QoS::AtMostOnce && self.conn.is_some() && self.queue.is_empty() {
             self.write(Packet::Publish(publish));
             return true;
-        }
-        let mut publish = publish;
-        if qos == QoS::AtLeastOnce {
-            publish.pkid = 1; // a placeholder: each send gets its own id
         }
         let mut bytes = BytesMut::new();
         if let Err(e) = Packet::Publish(publish).write(&mut bytes, None) {
@@ -893,6 +951,7 @@ impl Session {
             }
             Err(e) => {
                 warn!("MQTT: cannot spool a publish to {topic}: {e}");
+                self.spool_failed = true;
                 return false;
             }
         }
@@ -1039,7 +1098,10 @@ impl Session {
     /// Writes the confirmed subscriptions to `.spool/subscriptions` (atomically):
     /// the next start knows what to unsubscribe and what not to subscribe again.
     fn save_subscriptions(&self) {
-        let list: String = self.subscribed.iter().map(|f| format!("{f}\n")).collect();
+        let list: String = std::iter::once(SUBSCRIPTIONS_HEADER)
+            .chain(self.subscribed.iter().map(String::as_str))
+            .map(|l| format!("{l}\n"))
+            .collect();
         let tmp = self.spool_dir.join(".subscriptions.tmp");
         let path = self.spool_dir.join("subscriptions");
         let written = spool::private_file(&tmp)
@@ -1086,9 +1148,20 @@ pub fn topic_matches(topic: &str, filter: &str) -> bool {
     levels.next().is_none()
 }
 
-/// Whether `topic` may be published to: not empty, no wildcard, no NUL, at most 65535 bytes.
+/// Characters MQTT topics must not hold (brokers drop the connection over
+/// them): NUL and other controls, and Unicode noncharacters.
+fn bad_char(c: char) -> bool {
+    let n = u32::from(c);
+    c.is_control() || (0xFDD0..=0xFDEF).contains(&n) || (n & 0xFFFE) == 0xFFFE
+}
+
+/// Whether `topic` may be published to: not empty, no wildcard, at most 65535
+/// bytes, no control characters or noncharacters.
 pub fn valid_topic(topic: &str) -> bool {
-    !topic.is_empty() && topic.len() <= 65_535 && !topic.contains(['+', '#', '\0'])
+    !topic.is_empty()
+        && topic.len() <= 65_535
+        && !topic.contains(['+', '#'])
+        && !topic.chars().any(bad_char)
 }
 
 /// Whether `filter` may be subscribed: `+` and `#` only as whole levels, `#`
@@ -1101,7 +1174,7 @@ pub fn valid_filter(filter: &str) -> bool {
         },
         None => filter,
     };
-    if plain.is_empty() || plain.len() > 65_535 || plain.contains('\0') {
+    if plain.is_empty() || filter.len() > 65_535 || filter.chars().any(bad_char) {
         return false;
     }
     let levels: Vec<&str> = plain.split('/').collect();
@@ -1180,6 +1253,10 @@ mod tests {
         }
         assert!(valid_topic("a/b") && valid_topic("$aws/x"));
         assert!(!valid_topic("") && !valid_topic("x/#") && !valid_topic("+"));
+        for bad in ["w/\u{FFFF}", "w/\u{FDD0}", "w/\u{1FFFE}", "a\u{7f}", "a\nb"] {
+            assert!(!valid_topic(bad) && !valid_filter(bad), "{bad:?}");
+        }
+        assert!(valid_topic("caf\u{e9}/\u{1F321}"));
     }
 
     #[test]

@@ -691,6 +691,15 @@ fn overlapping_filters_and_dollar_topics_run_each_function_once() {
     );
     assert_eq!(r.status, 400, "{r:?}");
     assert!(r.text().contains("topic"), "{r:?}");
+    // So is a noncharacter (U+FFFF), which mosquitto drops the connection over.
+    for q in ["topic=w%2F%EF%BF%BF", "reply=w%2F%EF%BF%BF"] {
+        let r = d.req(
+            "PUT",
+            &format!("/mgmt/bad?{q}"),
+            b"def handle(req):\n    return req\n",
+        );
+        assert_eq!(r.status, 400, "{q}: {r:?}");
+    }
 }
 
 #[test]
