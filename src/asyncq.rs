@@ -29,9 +29,10 @@ const CALLBACK_TRIES: u32 = 4;
 /// Threads that make callbacks: a callback URL that never answers holds one
 /// of them (for at most its tries), never a run slot or the dispatcher.
 const CALLBACK_THREADS: usize = 4;
-/// Results held in memory for a callback thread at most (each up to
-/// `EDGEFAAS_MAX_OUTPUT`): past it no more calls start until callbacks catch up.
-const CALLBACK_BACKLOG: usize = 8;
+/// A result waiting for its callback stays in memory up to this size; a
+/// bigger one waits in a file next to its call (so waiting callbacks cost
+/// at most the queue's length times this, never a hold on other calls).
+const IN_MEMORY_RESULT: usize = 64 * 1024;
 /// A call the invocation lane had no room for waits this long before it is offered again.
 const BUSY_RETRY: Duration = Duration::from_millis(200);
 
@@ -51,7 +52,7 @@ struct State {
     /// Calls running.
     running: usize,
     /// Calls that ran, waiting for a callback thread, oldest first.
-    callbacks: VecDeque<(PathBuf, Header, Answer)>,
+    callbacks: VecDeque<(PathBuf, Header, Result_)>,
     /// Calls in `callbacks` or being called back.
     calling: usize,
     /// The lane was full: nothing is dispatched before this.
@@ -228,10 +229,7 @@ fn dispatch(
                     return;
                 }
                 let held = s.hold_until.filter(|t| *t > Instant::now());
-                if held.is_none()
-                    && s.running < q.max_running
-                    && s.callbacks.len() < CALLBACK_BACKLOG
-                {
+                if held.is_none() && s.running < q.max_running {
                     if let Some(p) = s.pending.pop_front() {
                         s.running += 1;
                         break p;
@@ -306,8 +304,9 @@ fn finish(
         Ok(answer) => {
             app.metrics.async_done(&header.name, answer.status);
             if header.callback.is_some() {
+                let result = Result_::keep(&path, answer);
                 s.calling += 1;
-                s.callbacks.push_back((path, header, answer));
+                s.callbacks.push_back((path, header, result));
             } else {
                 let _ = fs::remove_file(&path);
             }
@@ -317,12 +316,60 @@ fn finish(
     q.wake.notify_all();
 }
 
+/// A result waiting for its callback: in memory, or in a file (bigger ones).
+enum Result_ {
+    Memory(Answer),
+    /// The file, and the answer without its body.
+    File(PathBuf, Answer),
+}
+
+impl Result_ {
+    fn keep(call: &Path, mut answer: Answer) -> Result_ {
+        if answer.body.len() <= IN_MEMORY_RESULT {
+            return Result_::Memory(answer);
+        }
+        // `<serial>-<id>.result`: not a `.call`, so a restart removes it (and
+        // runs the call again, as for any call not called back).
+        let file = call.with_extension("result");
+        let written = crate::mqtt::private_file(&file).and_then(|mut f| f.write_all(&answer.body));
+        match written {
+            Ok(()) => {
+                answer.body = Vec::new();
+                Result_::File(file, answer)
+            }
+            Err(e) => {
+                warn!(
+                    "cannot keep an async result in {}: {e}; keeping it in memory",
+                    file.display()
+                );
+                let _ = fs::remove_file(&file);
+                Result_::Memory(answer)
+            }
+        }
+    }
+
+    /// The whole answer (None if its file went), and the file to remove after.
+    fn into_answer(self) -> (Option<Answer>, Option<PathBuf>) {
+        match self {
+            Result_::Memory(a) => (Some(a), None),
+            Result_::File(file, mut a) => {
+                let body = fs::read(&file).ok();
+                let answer = body.map(|b| {
+                    a.body = b;
+                    a
+                });
+                (answer, Some(file))
+            }
+        }
+    }
+}
+
 /// A callback thread: POSTs each result to its callback URL (retried with
 /// backoff), then removes the call's file.
 fn call_back(app: &Arc<App>) {
     let q = &app.asyncq;
     loop {
-        let (path, header, answer) = {
+        let (path, header, result) = {
             let mut s = q.lock();
             loop {
                 if s.stopped {
@@ -330,15 +377,23 @@ fn call_back(app: &Arc<App>) {
                     return;
                 }
                 if let Some(c) = s.callbacks.pop_front() {
-                    // Room in the backlog: the dispatcher may start another call.
-                    q.wake.notify_all();
                     break c;
                 }
                 s = q.wake.wait(s).unwrap_or_else(|p| p.into_inner());
             }
         };
+        let (answer, file) = result.into_answer();
         if let Some(url) = &header.callback {
-            post_result(app, url, &header, &answer);
+            match answer {
+                Some(answer) => post_result(app, url, &header, &answer),
+                None => warn!(
+                    "async call {}: its result file is gone; no callback",
+                    header.id
+                ),
+            }
+        }
+        if let Some(file) = file {
+            let _ = fs::remove_file(file);
         }
         let _ = fs::remove_file(&path);
         q.lock().calling -= 1;

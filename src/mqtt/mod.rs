@@ -61,9 +61,8 @@ const KEEP_ALIVE: Duration = Duration::from_secs(30);
 const SESSION_EXPIRY: u32 = 24 * 3600;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// The first line of `.spool/subscriptions`.
-const SUBSCRIPTIONS_HEADER: &str = "# edgefaas MQTT subscriptions, with identifiers";
-/// Connections in a row that fell at once with the same publish in flight: it is set aside.
-const POISON_STRIKES: u32 = 5;
+/// The confirmed subscriptions (each with its identifier), in `.spool`.
+const SUBSCRIPTIONS: &str = "subscriptions.v2";
 /// A connection up this long resets the reconnect backoff.
 const STABLE: Duration = Duration::from_secs(10);
 /// Messages in progress at most; past it QoS 0 messages are dropped (and
@@ -106,16 +105,17 @@ impl Mqtt {
         let dir = app.store.dir().join(".spool");
         let spool = spool::Spool::open(&dir, settings.spool_bytes)
             .map_err(|e| format!("cannot open the MQTT spool {}: {e}", dir.display()))?;
-        // A list from a release that subscribed without identifiers is not
-        // trusted: everything is subscribed once more, with them.
-        let subscribed = std::fs::read_to_string(dir.join("subscriptions"))
-            .ok()
-            .and_then(|t| {
-                let mut lines = t.lines();
-                (lines.next() == Some(SUBSCRIPTIONS_HEADER))
-                    .then(|| lines.map(str::to_string).collect())
-            })
-            .unwrap_or_default();
+        let read_list = |name: &str| -> Option<BTreeSet<String>> {
+            let text = std::fs::read_to_string(dir.join(name)).ok()?;
+            Some(text.lines().map(str::to_string).collect())
+        };
+        // `subscriptions` is the list of a release that subscribed without
+        // identifiers (it is left for a rollback): what it holds and no function
+        // wants is unsubscribed, and what is wanted is subscribed once more, with them.
+        let (subscribed, legacy) = match read_list(SUBSCRIPTIONS) {
+            Some(list) => (list, None),
+            None => (BTreeSet::new(), read_list("subscriptions")),
+        };
         let (wake_r, wake_w) = rustix::pipe::pipe_with(
             rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
         )
@@ -155,13 +155,17 @@ impl Mqtt {
             last_sent: Instant::now(),
             last_heard: Instant::now(),
             connected_at: Instant::now(),
-            suspect: None,
-            spool_failed: false,
+            unspooled: Vec::new(),
+            refused: BTreeSet::new(),
             broker_max_packet: None,
             backoff: Duration::from_millis(250),
             next_connect: Instant::now(),
         };
         session.routes = session.wanted_routes().unwrap_or_default();
+        if let Some(legacy) = legacy {
+            let wanted: BTreeSet<String> = session.routes.iter().map(|r| r.0.clone()).collect();
+            session.subscribed = legacy.difference(&wanted).cloned().collect();
+        }
         std::thread::Builder::new()
             .name("mqtt".into())
             .spawn(move || session.run(&rx, wake_r))
@@ -211,6 +215,17 @@ struct Message {
     ackable: bool,
 }
 
+/// A publish waiting for room on disk, for one function's run of a message.
+struct Unspooled {
+    at: Instant,
+    msg: u64,
+    function: FunctionName,
+    topic: String,
+    payload: Bytes,
+    correlation: Option<Bytes>,
+    qos: QoS,
+}
+
 struct Session {
     handle: std::sync::Weak<Mqtt>,
     connected: Arc<AtomicBool>,
@@ -248,11 +263,11 @@ struct Session {
     last_sent: Instant,
     last_heard: Instant,
     connected_at: Instant,
-    /// A reply could not be spooled: its message stays unacknowledged and
-    /// holds one of the broker's receive-maximum slots until a reconnect.
-    spool_failed: bool,
-    /// The oldest publish in flight when short connections fell, and how many times.
-    suspect: Option<(u64, u32)>,
+    /// Replies (or dead letters) that could not be spooled (a full disk), tried
+    /// again each second; their message is acknowledged once they are.
+    unspooled: Vec<Unspooled>,
+    /// Filters the broker refused: not sent again until an install or a new connection.
+    refused: BTreeSet<String>,
     /// The broker's maximum packet size (CONNACK), if it said.
     broker_max_packet: Option<u32>,
     backoff: Duration,
@@ -281,6 +296,9 @@ impl Session {
             if let Some((at, _, _)) = self.retries.iter().min_by_key(|r| r.0) {
                 deadline = deadline.min(*at);
             }
+            if let Some(u) = self.unspooled.iter().min_by_key(|u| u.at) {
+                deadline = deadline.min(u.at);
+            }
             if self.conn.is_none() {
                 deadline = deadline.min(self.next_connect);
             }
@@ -307,6 +325,8 @@ impl Session {
             while let Ok(cmd) = rx.try_recv() {
                 match cmd {
                     Cmd::Topics(ack) => {
+                        // An install may have changed what the broker allows: ask again.
+                        self.refused.clear();
                         self.sync_topics();
                         if let Some(ack) = ack {
                             if self.awaiting.is_empty() {
@@ -431,6 +451,7 @@ impl Session {
             }
         }
         self.acked_on_resume.clear();
+        self.refused.clear();
         for pkid in std::mem::take(&mut self.unsent_acks) {
             self.write(Packet::PubAck(PubAck::new(pkid, None)));
             self.acked_on_resume.insert(pkid);
@@ -460,31 +481,6 @@ impl Session {
         // once (a broker refusing something we send) backs off further each time.
         if self.connected_at.elapsed() >= STABLE {
             self.backoff = Duration::from_millis(250);
-            self.suspect = None;
-        } else if let Some(&front) = self.inflight.values().min() {
-            // The oldest publish in flight when connection after connection fell
-            // at once is likely what the broker refuses (the ones before it get
-            // acknowledged meanwhile): after POISON_STRIKES it is set aside.
-            let strikes = match self.suspect {
-                Some((seq, n)) if seq == front => n + 1,
-                _ => 1,
-            };
-            self.suspect = Some((front, strikes));
-            if strikes >= POISON_STRIKES {
-                match self.spool.set_aside(front) {
-                    Ok(path) => log::error!(
-                        "MQTT: the broker dropped the connection {strikes} times in a row with this \
-                         publish in flight; set aside as {}",
-                        path.display()
-                    ),
-                    Err(e) => warn!("MQTT: cannot set aside a spooled publish: {e}"),
-                }
-                self.app
-                    .metrics
-                    .count("edgefaas_mqtt_publishes_refused_total", "");
-                self.spooled.store(self.spool.len(), Ordering::Relaxed);
-                self.suspect = None;
-            }
         }
         // Nothing more will be confirmed on this connection.
         self.awaiting.clear();
@@ -575,7 +571,9 @@ impl Session {
                         self.subscribed.insert(filter.clone());
                         self.save_subscriptions();
                     } else {
-                        // Not subscribed: tried again at the next install or connection.
+                        // Not subscribed: tried again at the next install or connection
+                        // (not at once: a refusal stays a refusal).
+                        self.refused.insert(filter.clone());
                         log::error!(
                             "MQTT: the broker refused the subscription {filter}: {:?}",
                             s.return_codes
@@ -696,24 +694,37 @@ impl Session {
     /// identifier among its own confirmed filters that match, so overlapping
     /// filters (`a/+` and `a/#`, or `$share/g/x` next to `x`) run it once.
     /// A function none of whose matching filters is confirmed yet (a topic
-    /// change in flight, a refused filter) runs on any copy, and a broker
-    /// without identifiers runs every function whose filter matches: at least
-    /// once rather than never.
+    /// change in flight, a refused filter) runs on a copy that no confirmed
+    /// filter owns (the one its old filter brings), and a broker without
+    /// identifiers runs every function whose filter matches: at least once
+    /// rather than never.
     fn route(&self, topic: &str, ids: &[usize]) -> Vec<FunctionName> {
         // Function -> lowest identifier of its matching confirmed filters (None: none confirmed).
         let mut lowest: HashMap<&FunctionName, Option<usize>> = HashMap::new();
+        // Identifiers of the confirmed filters some function matches with.
+        let mut owned = BTreeSet::new();
         for (filter, matching, f) in &self.routes {
             if topic_matches(topic, matching) {
                 let e = lowest.entry(f).or_insert(None);
                 if self.subscribed.contains(filter) {
                     let id = subscription_id(filter);
+                    owned.insert(id);
                     *e = Some(e.map_or(id, |l| l.min(id)));
                 }
             }
         }
+        // A function without a confirmed filter runs on a copy no confirmed
+        // filter owns (one of a filter being replaced), not on others' copies.
+        let unowned = !ids.iter().any(|id| owned.contains(id));
         let mut functions: Vec<FunctionName> = lowest
             .into_iter()
-            .filter(|(_, id)| ids.is_empty() || id.is_none_or(|id| ids.contains(&id)))
+            .filter(|(_, id)| {
+                ids.is_empty()
+                    || match id {
+                        Some(id) => ids.contains(id),
+                        None => unowned,
+                    }
+            })
             .map(|(f, _)| f.clone())
             .collect();
         functions.sort();
@@ -794,16 +805,16 @@ impl Session {
                         .map(|t| (t, None)),
                 };
                 let qos = m.qos;
-                m.pending.remove(&function);
                 self.app
                     .metrics
                     .count("edgefaas_mqtt_messages_acked_total", function.as_str());
-                if let Some((topic, correlation)) = target {
-                    if !self.publish(&topic, a.body.clone().into(), correlation, qos) {
-                        // Not spooled (a full disk): no ack, so the broker sends it again.
-                        if let Some(m) = self.messages.get_mut(&id) {
-                            m.ackable = false;
-                        }
+                match target {
+                    Some((topic, correlation)) => {
+                        let payload: Bytes = a.body.clone().into();
+                        self.publish_for(id, function, topic, payload, correlation, qos);
+                    }
+                    None => {
+                        m.pending.remove(&function);
                     }
                 }
             }
@@ -847,13 +858,44 @@ impl Session {
                     "edgefaas_mqtt_messages_dead_lettered_total",
                     function.as_str(),
                 );
-                if !self.publish(&topic, dead.to_string().into_bytes().into(), None, qos) {
-                    if let Some(m) = self.messages.get_mut(&id) {
-                        m.ackable = false;
-                    }
-                }
+                let payload: Bytes = dead.to_string().into_bytes().into();
+                self.publish_for(id, function, topic, payload, None, qos);
             }
         }
+        self.settle(id);
+    }
+
+    /// Publishes one function's output for message `id`: once it is spooled the
+    /// function is through with the message; if it cannot be (a full disk), it
+    /// is tried again each second and the message waits unacknowledged.
+    fn publish_for(
+        &mut self,
+        id: u64,
+        function: FunctionName,
+        topic: String,
+        payload: Bytes,
+        correlation: Option<Bytes>,
+        qos: QoS,
+    ) {
+        if self.publish(&topic, payload.clone(), correlation.clone(), qos) {
+            if let Some(m) = self.messages.get_mut(&id) {
+                m.pending.remove(&function);
+            }
+        } else {
+            self.unspooled.push(Unspooled {
+                at: Instant::now() + Duration::from_secs(1),
+                msg: id,
+                function,
+                topic,
+                payload,
+                correlation,
+                qos,
+            });
+        }
+    }
+
+    /// Acknowledges message `id` once every function is through with it.
+    fn settle(&mut self, id: u64) {
         let through = self.messages.get(&id).is_some_and(|m| m.pending.is_empty());
         if through {
             if let Some(m) = self.messages.remove(&id) {
@@ -866,10 +908,6 @@ impl Session {
                     }
                 }
             }
-        }
-        if std::mem::take(&mut self.spool_failed) && self.conn.is_some() {
-            // Reconnecting frees the slot and brings the message again (a resumed session).
-            self.lost(&"a reply could not be spooled; its message comes again");
         }
     }
 
@@ -951,7 +989,6 @@ impl Session {
             }
             Err(e) => {
                 warn!("MQTT: cannot spool a publish to {topic}: {e}");
-                self.spool_failed = true;
                 return false;
             }
         }
@@ -994,6 +1031,14 @@ impl Session {
 
     fn fire_retries(&mut self) {
         let now = Instant::now();
+        let (due, later): (Vec<Unspooled>, Vec<Unspooled>) = std::mem::take(&mut self.unspooled)
+            .into_iter()
+            .partition(|u| u.at <= now);
+        self.unspooled = later;
+        for u in due {
+            self.publish_for(u.msg, u.function, u.topic, u.payload, u.correlation, u.qos);
+            self.settle(u.msg);
+        }
         let due: Vec<(u64, FunctionName)> = self
             .retries
             .iter()
@@ -1061,7 +1106,7 @@ impl Session {
         let pending: BTreeSet<&String> = self.awaiting.values().map(|(_, f)| f).collect();
         let new: Vec<String> = wanted
             .difference(&self.subscribed)
-            .filter(|f| !pending.contains(f))
+            .filter(|f| !pending.contains(f) && !self.refused.contains(*f))
             .cloned()
             .collect();
         let gone: Vec<String> = self
@@ -1098,12 +1143,9 @@ impl Session {
     /// Writes the confirmed subscriptions to `.spool/subscriptions` (atomically):
     /// the next start knows what to unsubscribe and what not to subscribe again.
     fn save_subscriptions(&self) {
-        let list: String = std::iter::once(SUBSCRIPTIONS_HEADER)
-            .chain(self.subscribed.iter().map(String::as_str))
-            .map(|l| format!("{l}\n"))
-            .collect();
+        let list: String = self.subscribed.iter().map(|f| format!("{f}\n")).collect();
         let tmp = self.spool_dir.join(".subscriptions.tmp");
-        let path = self.spool_dir.join("subscriptions");
+        let path = self.spool_dir.join(SUBSCRIPTIONS);
         let written = spool::private_file(&tmp)
             .and_then(|mut f| {
                 use std::io::Write as _;

@@ -124,24 +124,6 @@ impl Spool {
         }
     }
 
-    /// Moves a publish the broker keeps refusing to `bad/` (kept for the
-    /// operator, never sent again); where it went.
-    pub fn set_aside(&mut self, seq: u64) -> std::io::Result<PathBuf> {
-        let i = self
-            .entries
-            .iter()
-            .position(|e| e.seq == seq)
-            .ok_or_else(|| std::io::Error::other("not spooled"))?;
-        let bad = self.dir.join("bad");
-        fs::create_dir_all(&bad)?;
-        let to = bad.join(format!("{seq:020}.pub"));
-        fs::rename(&self.entries[i].path, &to)?;
-        if let Some(e) = self.entries.remove(i) {
-            self.bytes -= e.size;
-        }
-        Ok(to)
-    }
-
     /// The oldest sequence number still spooled (the spool drops from the front).
     pub fn front_seq(&self) -> u64 {
         self.entries.front().map_or(self.next, |e| e.seq)
@@ -195,12 +177,6 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o077, 0, "spooled publishes are private");
-        // A publish set aside leaves the spool, is kept in bad/, and is not read back.
-        let mut s = s;
-        let to = s.set_aside(3).unwrap();
-        assert_eq!(fs::read(&to).unwrap(), [3u8; 10]);
-        assert_eq!(s.len(), 0);
-        assert_eq!(Spool::open(&dir, 25).unwrap().len(), 0);
         let _ = fs::remove_dir_all(&dir);
     }
 }

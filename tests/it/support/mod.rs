@@ -254,14 +254,16 @@ impl Daemon {
         cmd.spawn().expect("cannot start edgefaas")
     }
 
-    /// Polls `/_/health` until 200 or the daemon exits; false when it died.
+    /// Polls `/_/health` until 200 and the start-up line is logged (the port
+    /// opens before the workers start: a test that takes the daemon's threads
+    /// away must not race their start), or the daemon exits; false when it died.
     fn wait_ready(&mut self, deadline: Instant) -> bool {
         while Instant::now() < deadline {
             if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
                 return false;
             }
             if let Ok(r) = http::try_request(self.port, "GET", "/_/health", &[], b"") {
-                if r.status == 200 {
+                if r.status == 200 && self.log().contains(" ready on ") {
                     return true;
                 }
             }
