@@ -216,7 +216,14 @@ fn a_memory_bomb_under_a_memory_setting_hurts_only_itself() {
     for _ in 0..3 {
         let r = d.req("GET", "/bomb", b"");
         assert_eq!(r.status, 500, "{r:?}");
-        assert!(r.text().contains("MemoryError"), "{r:?}");
+        // CPython 3.11 now and then reports a failed allocation as "SystemError:
+        // error return without exception set" (seen about 1 run in 10 in exec mode).
+        let t = r.text();
+        assert!(
+            t.contains("MemoryError")
+                || t.contains("SystemError: error return without exception set"),
+            "{r:?}"
+        );
         assert_eq!(d.req("GET", "/_/health", b"").status, 200);
         assert_eq!(d.req("GET", "/calm", b"").text(), "calm\n");
     }

@@ -263,7 +263,12 @@ impl Daemon {
                 return false;
             }
             if let Ok(r) = http::try_request(self.port, "GET", "/_/health", &[], b"") {
-                if r.status == 200 && self.log().contains(" ready on ") {
+                // (A daemon told to log warnings only never writes the line.)
+                let quiet = self
+                    .env
+                    .iter()
+                    .any(|(k, v)| k == "RUST_LOG" && (v == "warn" || v == "error"));
+                if r.status == 200 && (quiet || self.log().contains(" ready on ")) {
                     return true;
                 }
             }
