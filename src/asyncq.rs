@@ -33,6 +33,10 @@ const CALLBACK_THREADS: usize = 4;
 /// bigger one waits in a file next to its call (so waiting callbacks cost
 /// at most the queue's length times this, never a hold on other calls).
 const IN_MEMORY_RESULT: usize = 64 * 1024;
+/// Bytes of results waiting for callbacks (in memory and in files) past which
+/// no more calls start until callbacks catch up: anyone who may invoke could
+/// otherwise fill the disk, or memory, with results for URLs that never answer.
+const HELD_RESULTS: usize = 64 << 20;
 /// A call the invocation lane had no room for waits this long before it is offered again.
 const BUSY_RETRY: Duration = Duration::from_millis(200);
 
@@ -55,6 +59,8 @@ struct State {
     callbacks: VecDeque<(PathBuf, Header, Result_)>,
     /// Calls in `callbacks` or being called back.
     calling: usize,
+    /// Bytes of their results.
+    held: usize,
     /// The lane was full: nothing is dispatched before this.
     hold_until: Option<Instant>,
     stopped: bool,
@@ -229,7 +235,7 @@ fn dispatch(
                     return;
                 }
                 let held = s.hold_until.filter(|t| *t > Instant::now());
-                if held.is_none() && s.running < q.max_running {
+                if held.is_none() && s.running < q.max_running && s.held <= HELD_RESULTS {
                     if let Some(p) = s.pending.pop_front() {
                         s.running += 1;
                         break p;
@@ -291,6 +297,19 @@ fn finish(
     result: std::result::Result<Answer, Refused>,
 ) {
     let q = &app.asyncq;
+    // A result for a callback is put aside (a file for a big one) before the lock.
+    let result = match result {
+        Ok(answer) => {
+            app.metrics.async_done(&header.name, answer.status);
+            if header.callback.is_some() {
+                Ok(Some(Result_::keep(&path, answer)))
+            } else {
+                let _ = fs::remove_file(&path);
+                Ok(None)
+            }
+        }
+        Err(why) => Err(why),
+    };
     let mut s = q.lock();
     s.running -= 1;
     match result {
@@ -301,16 +320,12 @@ fn finish(
             s.pending.push_front(path);
             s.hold_until = Some(Instant::now() + BUSY_RETRY);
         }
-        Ok(answer) => {
-            app.metrics.async_done(&header.name, answer.status);
-            if header.callback.is_some() {
-                let result = Result_::keep(&path, answer);
-                s.calling += 1;
-                s.callbacks.push_back((path, header, result));
-            } else {
-                let _ = fs::remove_file(&path);
-            }
+        Ok(Some(result)) => {
+            s.calling += 1;
+            s.held += result.size();
+            s.callbacks.push_back((path, header, result));
         }
+        Ok(None) => {}
     }
     drop(s);
     q.wake.notify_all();
@@ -319,8 +334,8 @@ fn finish(
 /// A result waiting for its callback: in memory, or in a file (bigger ones).
 enum Result_ {
     Memory(Answer),
-    /// The file, and the answer without its body.
-    File(PathBuf, Answer),
+    /// The file, the answer without its body, and the body's size.
+    File(PathBuf, Answer, usize),
 }
 
 impl Result_ {
@@ -334,8 +349,8 @@ impl Result_ {
         let written = crate::mqtt::private_file(&file).and_then(|mut f| f.write_all(&answer.body));
         match written {
             Ok(()) => {
-                answer.body = Vec::new();
-                Result_::File(file, answer)
+                let size = std::mem::take(&mut answer.body).len();
+                Result_::File(file, answer, size)
             }
             Err(e) => {
                 warn!(
@@ -348,11 +363,19 @@ impl Result_ {
         }
     }
 
+    /// The body's size.
+    fn size(&self) -> usize {
+        match self {
+            Result_::Memory(a) => a.body.len(),
+            Result_::File(_, _, n) => *n,
+        }
+    }
+
     /// The whole answer (None if its file went), and the file to remove after.
     fn into_answer(self) -> (Option<Answer>, Option<PathBuf>) {
         match self {
             Result_::Memory(a) => (Some(a), None),
-            Result_::File(file, mut a) => {
+            Result_::File(file, mut a, _) => {
                 let body = fs::read(&file).ok();
                 let answer = body.map(|b| {
                     a.body = b;
@@ -382,6 +405,7 @@ fn call_back(app: &Arc<App>) {
                 s = q.wake.wait(s).unwrap_or_else(|p| p.into_inner());
             }
         };
+        let size = result.size();
         let (answer, file) = result.into_answer();
         if let Some(url) = &header.callback {
             match answer {
@@ -396,7 +420,11 @@ fn call_back(app: &Arc<App>) {
             let _ = fs::remove_file(file);
         }
         let _ = fs::remove_file(&path);
-        q.lock().calling -= 1;
+        {
+            let mut s = q.lock();
+            s.calling -= 1;
+            s.held -= size;
+        }
         q.wake.notify_all();
     }
 }

@@ -107,7 +107,14 @@ impl Mqtt {
             .map_err(|e| format!("cannot open the MQTT spool {}: {e}", dir.display()))?;
         let read_list = |name: &str| -> Option<BTreeSet<String>> {
             let text = std::fs::read_to_string(dir.join(name)).ok()?;
-            Some(text.lines().map(str::to_string).collect())
+            // Only filters: a line that is not one (a header an earlier build
+            // wrote) would be sent to the broker, which drops the connection over it.
+            Some(
+                text.lines()
+                    .filter(|l| valid_filter(l))
+                    .map(str::to_string)
+                    .collect(),
+            )
         };
         // `subscriptions` is the list of a release that subscribed without
         // identifiers (it is left for a rollback): what it holds and no function
@@ -157,6 +164,7 @@ impl Mqtt {
             connected_at: Instant::now(),
             unspooled: Vec::new(),
             refused: BTreeSet::new(),
+            previous: HashMap::new(),
             broker_max_packet: None,
             backoff: Duration::from_millis(250),
             next_connect: Instant::now(),
@@ -268,6 +276,9 @@ struct Session {
     unspooled: Vec<Unspooled>,
     /// Filters the broker refused: not sent again until an install or a new connection.
     refused: BTreeSet<String>,
+    /// A function's filters before its `topic` changed, until one of its new
+    /// ones is confirmed: copies the old ones bring still run it.
+    previous: HashMap<FunctionName, BTreeSet<String>>,
     /// The broker's maximum packet size (CONNACK), if it said.
     broker_max_packet: Option<u32>,
     backoff: Duration,
@@ -570,6 +581,7 @@ impl Session {
                     if ok {
                         self.subscribed.insert(filter.clone());
                         self.save_subscriptions();
+                        self.forget_previous();
                     } else {
                         // Not subscribed: tried again at the next install or connection
                         // (not at once: a refusal stays a refusal).
@@ -718,11 +730,16 @@ impl Session {
         let unowned = !ids.iter().any(|id| owned.contains(id));
         let mut functions: Vec<FunctionName> = lowest
             .into_iter()
-            .filter(|(_, id)| {
+            .filter(|(f, id)| {
                 ids.is_empty()
                     || match id {
                         Some(id) => ids.contains(id),
-                        None => unowned,
+                        None => {
+                            unowned
+                                || self.previous.get(*f).is_some_and(|old| {
+                                    old.iter().any(|o| ids.contains(&subscription_id(o)))
+                                })
+                        }
                     }
             })
             .map(|(f, _)| f.clone())
@@ -1095,7 +1112,18 @@ impl Session {
     /// (and is remembered on disk) once the broker confirmed it.
     fn sync_topics(&mut self) {
         match self.wanted_routes() {
-            Some(routes) => self.routes = routes,
+            Some(routes) => {
+                for (filter, _, f) in &self.routes {
+                    if !routes.iter().any(|(g, _, h)| g == filter && h == f) {
+                        self.previous
+                            .entry(f.clone())
+                            .or_default()
+                            .insert(filter.clone());
+                    }
+                }
+                self.routes = routes;
+                self.forget_previous();
+            }
             // The store could not be listed (EMFILE...): keep the routes we have.
             None => return,
         }
@@ -1138,6 +1166,22 @@ impl Session {
             self.awaiting.insert(pkid, (false, filter));
             self.write(Packet::Unsubscribe(unsub));
         }
+    }
+
+    /// Drops the previous filters of functions that are gone or have a confirmed filter now.
+    fn forget_previous(&mut self) {
+        let (routes, subscribed) = (&self.routes, &self.subscribed);
+        self.previous.retain(|f, _| {
+            let mine = routes.iter().filter(|(_, _, g)| g == f);
+            let mut any = false;
+            for (filter, _, _) in mine {
+                if subscribed.contains(filter) {
+                    return false;
+                }
+                any = true;
+            }
+            any
+        });
     }
 
     /// Writes the confirmed subscriptions to `.spool/subscriptions` (atomically):

@@ -743,3 +743,49 @@ fn a_poison_reply_and_a_busy_node_do_not_lose_messages_or_the_session() {
     );
     assert!(d.log().contains("not a valid topic name"), "{}", d.log());
 }
+
+#[test]
+fn a_list_from_an_older_release_is_cleaned_up_not_sent() {
+    let Some(broker) = Broker::start(false) else {
+        return;
+    };
+    let mut d = daemon(&broker, "node-k", &[]);
+    d.upload(
+        "leg",
+        "# edgefaas: topic=leg/in reply=out/leg\ndef handle(req):\n    return {'body': 'leg ' + req}\n",
+    );
+    subscribed(&d, "leg/in");
+    d.kill();
+    // An older list (no identifiers; one build wrote a header line into it) naming
+    // a filter no function wants any more.
+    let spool = d.dir.join(".spool");
+    std::fs::remove_file(spool.join("subscriptions.v2")).unwrap();
+    std::fs::write(
+        spool.join("subscriptions"),
+        "# edgefaas MQTT subscriptions, with identifiers\nleg/in\nstale/#\n",
+    )
+    .unwrap();
+    d.restart();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let log = d.log();
+            log.contains("MQTT: unsubscribing stale/#")
+                && log.matches("MQTT: subscribing leg/in").count() >= 2
+        }),
+        "{}",
+        d.log()
+    );
+    let replies = broker.subscribe("t10", "out/leg");
+    broker.publish("leg/in", "again", &[]);
+    assert_eq!(
+        replies.wait(1, Duration::from_secs(10)),
+        ["out/leg|leg again|"]
+    );
+    assert!(!d.log().contains("unsubscribing #"), "{}", d.log());
+    let metrics = d.req("GET", "/_/metrics", b"").text();
+    assert!(
+        metrics.contains("edgefaas_mqtt_connects_total 1"),
+        "{metrics}\n{}",
+        d.log()
+    );
+}
