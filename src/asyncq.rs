@@ -33,8 +33,9 @@ const CALLBACK_THREADS: usize = 4;
 /// bigger one waits in a file next to its call (so waiting callbacks cost
 /// at most the queue's length times this, never a hold on other calls).
 const IN_MEMORY_RESULT: usize = 64 * 1024;
-/// Bytes of results waiting for callbacks (in memory and in files) past which
-/// no more calls start until callbacks catch up: anyone who may invoke could
+/// Bytes of results waiting for callbacks (in memory and in files), counting
+/// the output limit for each such call running: calls with a callback start
+/// only within it (the others go past them). Anyone who may invoke could
 /// otherwise fill the disk, or memory, with results for URLs that never answer.
 const HELD_RESULTS: usize = 64 << 20;
 /// A call the invocation lane had no room for waits this long before it is offered again.
@@ -61,6 +62,8 @@ struct State {
     calling: usize,
     /// Bytes of their results.
     held: usize,
+    /// Calls with a callback running (each may add up to `EDGEFAAS_MAX_OUTPUT` to `held`).
+    running_cb: usize,
     /// The lane was full: nothing is dispatched before this.
     hold_until: Option<Instant>,
     stopped: bool,
@@ -170,7 +173,9 @@ impl AsyncQueue {
         bytes.push(b'\n');
         bytes.extend_from_slice(body);
         let serial = self.serial.fetch_add(1, Ordering::Relaxed);
-        let path = self.dir.join(format!("{serial:020}-{id}.call"));
+        // `.cb.call`: the dispatcher can tell calls with a callback by name.
+        let cb = if header.callback.is_some() { ".cb" } else { "" };
+        let path = self.dir.join(format!("{serial:020}-{id}{cb}.call"));
         let tmp = self.dir.join(format!(".{id}.tmp"));
         let written = (|| -> std::io::Result<()> {
             // Private: the file holds the request's headers and the callback URL.
@@ -227,6 +232,7 @@ fn dispatch(
     done: &mpsc::Sender<(PathBuf, Header, std::result::Result<Answer, Refused>)>,
 ) {
     let q = &app.asyncq;
+    let max_output = usize::try_from(app.config.max_output).unwrap_or(usize::MAX);
     loop {
         let path = {
             let mut s = q.lock();
@@ -235,9 +241,22 @@ fn dispatch(
                     return;
                 }
                 let held = s.hold_until.filter(|t| *t > Instant::now());
-                if held.is_none() && s.running < q.max_running && s.held <= HELD_RESULTS {
-                    if let Some(p) = s.pending.pop_front() {
+                if held.is_none() && s.running < q.max_running {
+                    // A call with a callback starts only if its result (at most the
+                    // output limit) fits what may wait for callbacks; others go past it.
+                    // (One such call may always run, whatever the output limit.)
+                    let room = s.held + (s.running_cb + 1) * max_output <= HELD_RESULTS
+                        || (s.held == 0 && s.running_cb == 0);
+                    let next = if room {
+                        (!s.pending.is_empty()).then_some(0)
+                    } else {
+                        s.pending.iter().position(|p| !has_callback(p))
+                    };
+                    if let Some(p) = next.and_then(|i| s.pending.remove(i)) {
                         s.running += 1;
+                        if has_callback(&p) {
+                            s.running_cb += 1;
+                        }
                         break p;
                     }
                 }
@@ -312,6 +331,9 @@ fn finish(
     };
     let mut s = q.lock();
     s.running -= 1;
+    if has_callback(&path) {
+        s.running_cb -= 1;
+    }
     match result {
         // Stays on disk: the next start runs it.
         Err(Refused::ShuttingDown) => {}
@@ -329,6 +351,13 @@ fn finish(
     }
     drop(s);
     q.wake.notify_all();
+}
+
+/// Whether a queued call has a callback URL (its file is named `*.cb.call`).
+fn has_callback(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.ends_with(".cb.call"))
 }
 
 /// A result waiting for its callback: in memory, or in a file (bigger ones).

@@ -170,9 +170,13 @@ impl Mqtt {
             next_connect: Instant::now(),
         };
         session.routes = session.wanted_routes().unwrap_or_default();
-        if let Some(legacy) = legacy {
-            let wanted: BTreeSet<String> = session.routes.iter().map(|r| r.0.clone()).collect();
-            session.subscribed = legacy.difference(&wanted).cloned().collect();
+        match legacy {
+            Some(legacy) => {
+                let wanted: BTreeSet<String> = session.routes.iter().map(|r| r.0.clone()).collect();
+                session.subscribed = legacy.difference(&wanted).cloned().collect();
+            }
+            // Written again as read: without a line an earlier build may have put in.
+            None => session.save_subscriptions(),
         }
         std::thread::Builder::new()
             .name("mqtt".into())
@@ -581,7 +585,6 @@ impl Session {
                     if ok {
                         self.subscribed.insert(filter.clone());
                         self.save_subscriptions();
-                        self.forget_previous();
                     } else {
                         // Not subscribed: tried again at the next install or connection
                         // (not at once: a refusal stays a refusal).
@@ -625,6 +628,7 @@ impl Session {
     /// The broker confirmed an (un)subscription; those waiting for all of them learn it.
     fn confirmed(&mut self, pkid: u16) {
         self.awaiting.remove(&pkid);
+        self.forget_previous();
         if self.awaiting.is_empty() {
             // Installs and deletes that came while these were pending were
             // skipped for their filters: catch up with the store now.
@@ -1122,7 +1126,6 @@ impl Session {
                     }
                 }
                 self.routes = routes;
-                self.forget_previous();
             }
             // The store could not be listed (EMFILE...): keep the routes we have.
             None => return,
@@ -1166,21 +1169,28 @@ impl Session {
             self.awaiting.insert(pkid, (false, filter));
             self.write(Packet::Unsubscribe(unsub));
         }
+        self.forget_previous();
     }
 
-    /// Drops the previous filters of functions that are gone or have a confirmed filter now.
+    /// Drops the previous filters of a function once its new ones are settled:
+    /// one is confirmed, or none is waiting for the broker any more (refused,
+    /// or not sent while disconnected), or the function is gone.
     fn forget_previous(&mut self) {
         let (routes, subscribed) = (&self.routes, &self.subscribed);
+        let pending: BTreeSet<&String> = self
+            .awaiting
+            .values()
+            .filter(|(sub, _)| *sub)
+            .map(|(_, f)| f)
+            .collect();
         self.previous.retain(|f, _| {
-            let mine = routes.iter().filter(|(_, _, g)| g == f);
-            let mut any = false;
-            for (filter, _, _) in mine {
-                if subscribed.contains(filter) {
-                    return false;
-                }
-                any = true;
-            }
-            any
+            let mine: Vec<&String> = routes
+                .iter()
+                .filter(|(_, _, g)| g == f)
+                .map(|(filter, _, _)| filter)
+                .collect();
+            !mine.iter().any(|m| subscribed.contains(*m))
+                && mine.iter().any(|m| pending.contains(m))
         });
     }
 

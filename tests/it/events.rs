@@ -231,15 +231,14 @@ fn a_callback_that_never_answers_does_not_hold_up_other_calls() {
             marker.send("'ran'")
         ),
     );
-    // Twelve results (over 64 KiB each: they wait in files) for a callback that never answers.
-    let big = vec![b'x'; 100_000];
-    for _ in 0..12 {
-        let r = d.req_h(
-            "POST",
-            "/async/echoer",
-            &[("X-Callback-Url", &hole_url)],
-            &big,
-        );
+    // Twenty 4 MB results (they wait in files; past 64 MiB held, calls with a
+    // callback wait) for a callback that never answers.
+    d.upload(
+        "big",
+        "def handle(req):\n    return {'body': 'x' * 4000000}\n",
+    );
+    for _ in 0..20 {
+        let r = d.req_h("POST", "/async/big", &[("X-Callback-Url", &hole_url)], b"");
         assert_eq!(r.status, 202, "{r:?}");
     }
     let t = Instant::now();
