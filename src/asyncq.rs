@@ -57,7 +57,7 @@ struct State {
     /// Calls running.
     running: usize,
     /// Calls that ran, waiting for a callback thread, oldest first.
-    callbacks: VecDeque<(PathBuf, Header, Result_)>,
+    callbacks: VecDeque<(PathBuf, Header, HeldResult)>,
     /// Calls in `callbacks` or being called back.
     calling: usize,
     /// Bytes of their results.
@@ -321,7 +321,7 @@ fn finish(
         Ok(answer) => {
             app.metrics.async_done(&header.name, answer.status);
             if header.callback.is_some() {
-                Ok(Some(Result_::keep(&path, answer)))
+                Ok(Some(HeldResult::keep(&path, answer)))
             } else {
                 let _ = fs::remove_file(&path);
                 Ok(None)
@@ -361,16 +361,16 @@ fn has_callback(path: &Path) -> bool {
 }
 
 /// A result waiting for its callback: in memory, or in a file (bigger ones).
-enum Result_ {
+enum HeldResult {
     Memory(Answer),
     /// The file, the answer without its body, and the body's size.
     File(PathBuf, Answer, usize),
 }
 
-impl Result_ {
-    fn keep(call: &Path, mut answer: Answer) -> Result_ {
+impl HeldResult {
+    fn keep(call: &Path, mut answer: Answer) -> HeldResult {
         if answer.body.len() <= IN_MEMORY_RESULT {
-            return Result_::Memory(answer);
+            return HeldResult::Memory(answer);
         }
         // `<serial>-<id>.result`: not a `.call`, so a restart removes it (and
         // runs the call again, as for any call not called back).
@@ -379,7 +379,7 @@ impl Result_ {
         match written {
             Ok(()) => {
                 let size = std::mem::take(&mut answer.body).len();
-                Result_::File(file, answer, size)
+                HeldResult::File(file, answer, size)
             }
             Err(e) => {
                 warn!(
@@ -387,7 +387,7 @@ impl Result_ {
                     file.display()
                 );
                 let _ = fs::remove_file(&file);
-                Result_::Memory(answer)
+                HeldResult::Memory(answer)
             }
         }
     }
@@ -395,16 +395,16 @@ impl Result_ {
     /// The body's size.
     fn size(&self) -> usize {
         match self {
-            Result_::Memory(a) => a.body.len(),
-            Result_::File(_, _, n) => *n,
+            HeldResult::Memory(a) => a.body.len(),
+            HeldResult::File(_, _, n) => *n,
         }
     }
 
     /// The whole answer (None if its file went), and the file to remove after.
     fn into_answer(self) -> (Option<Answer>, Option<PathBuf>) {
         match self {
-            Result_::Memory(a) => (Some(a), None),
-            Result_::File(file, mut a, _) => {
+            HeldResult::Memory(a) => (Some(a), None),
+            HeldResult::File(file, mut a, _) => {
                 let body = fs::read(&file).ok();
                 let answer = body.map(|b| {
                     a.body = b;

@@ -198,8 +198,8 @@ fn check_env_key(k: &str) -> Result<()> {
 
 /// An MQTT topic (or, for `topic`, a filter: `+` and `#` allowed, `$share/<group>/…`).
 fn check_topic(key: &str, value: &str, filter: bool) -> Result<String> {
+    // (valid_filter and valid_topic refuse control characters too.)
     let ok = value.len() <= 1024
-        && !value.chars().any(char::is_control)
         && if filter {
             crate::mqtt::valid_filter(value)
         } else {

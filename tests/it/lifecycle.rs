@@ -1,6 +1,5 @@
 //! Start-up, restart, crash recovery, configuration errors and graceful shutdown.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use crate::support::{Daemon, TempDir, alive, eventually, request};
@@ -160,17 +159,9 @@ fn a_bad_setting_stops_start_up_with_a_line_naming_it() {
         ("EDGEFAAS_MAX_BODY", "-5"),
         ("EDGEFAAS_WORKERS", "many"),
     ] {
-        let out = crate::support::command()
-            .env(var, value)
-            .env(
-                "EDGEFAAS_FUNCTIONS_DIR",
-                std::env::temp_dir().join("edgefaas-never-created"),
-            )
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(1), "{var}");
-        let err = String::from_utf8_lossy(&out.stderr);
+        let mut cmd = crate::support::command();
+        cmd.env(var, value);
+        let err = crate::support::start_up_error(cmd, var);
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(
             err.contains(&format!("{var}: expected")) && err.contains(value),

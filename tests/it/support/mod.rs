@@ -96,6 +96,21 @@ pub fn chown_tree(path: &Path, uid: u32) {
 /// How to run the binary: EDGEFAAS_BIN (e.g. an ARM build) with an optional
 /// EDGEFAAS_BIN_RUNNER prefix, split at spaces (e.g. `qemu-arm-static -cpu
 /// arm1176`), else cargo's build.
+/// Runs `cmd` (the daemon with a bad setting) over a functions dir it must
+/// never create; asserts it stops with status 1 and returns its stderr.
+pub fn start_up_error(mut cmd: Command, what: &str) -> String {
+    let out = cmd
+        .env(
+            "EDGEFAAS_FUNCTIONS_DIR",
+            std::env::temp_dir().join("edgefaas-never-created"),
+        )
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{what}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 pub fn command() -> Command {
     let bin =
         std::env::var("EDGEFAAS_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_edgefaas").into());
